@@ -1,0 +1,1 @@
+"""What a stage does: one module per stage, each with a ``run(...)`` entry."""
