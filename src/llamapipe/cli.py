@@ -1,0 +1,146 @@
+"""One CLI, one subcommand per stage: what every Snakemake rule calls.
+
+    python -m llamapipe sft --params '{...}' --train results/data/train.json ...
+
+``--params`` is the stage's own config section as JSON (Snakemake derives it from config.yaml),
+paths are explicit arguments. Errors a user can fix print as one message, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from llamapipe.errors import PipelineError
+
+
+def _params(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--params is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--params must be a JSON object")
+    return value
+
+
+def _stage_preflight(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import preflight
+
+    return preflight.run(a.params, a.out)
+
+
+def _stage_download(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import download
+
+    p = a.params
+    return download.run(p["url"], p["sha256"], a.out, a.cache_dir, retries=p.get("retries", 5))
+
+
+def _stage_prepare_data(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import prepare_data
+
+    p = a.params
+    return prepare_data.run(a.src, a.out, on_error=p["on_error"], max_train=p.get("max_train"),
+                            max_dev=p.get("max_dev"))
+
+
+def _stage_init_model(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import init_model
+
+    return init_model.run(a.params, a.train, a.out, seed=a.seed)
+
+
+def _stage_sft(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import sft
+
+    return sft.run(a.params, a.train, a.base, a.out, a.ckpt_dir, seed=a.seed)
+
+
+def _stage_merge(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import merge
+
+    return merge.run(a.params, a.sft, a.base, a.out)
+
+
+def _stage_export(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import export
+
+    return export.run(a.params, a.merged, a.out)
+
+
+def _stage_predict(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import predict
+
+    return predict.run(a.params, a.inference, a.dev, a.out, threads=a.threads)
+
+
+def _stage_evaluate(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import evaluate
+
+    return evaluate.run(a.predictions, a.out)
+
+
+# name -> (handler, help, [(flag, help)]) ; every stage also takes --params/--threads/--seed.
+STAGES: Dict[str, Any] = {
+    "preflight": (_stage_preflight, "check the host and the Python stack", [("--out", "preflight.json")]),
+    "download": (_stage_download, "fetch, verify and safely extract the data archive",
+                 [("--out", "extraction dir"), ("--cache-dir", "where the archive is kept")]),
+    "prepare-data": (_stage_prepare_data, "validate src/tgt json lines and write the splits",
+                     [("--src", "extracted data dir"), ("--out", "output dir")]),
+    "init-model": (_stage_init_model, "tiny LLaMA + tokenizer trained on the train text",
+                   [("--train", "train.json"), ("--out", "model dir")]),
+    "sft": (_stage_sft, "fine-tune (full or LoRA) with PaddleNLP's Trainer",
+            [("--train", "train.json"), ("--base", "base model dir"), ("--out", "output dir"),
+             ("--ckpt-dir", "resumable checkpoints (outside the output)")]),
+    "merge": (_stage_merge, "LoRA / shards into one checkpoint, config.json fix-up",
+              [("--sft", "sft output"), ("--base", "base model dir"), ("--out", "merged dir")]),
+    "export": (_stage_export, "static-graph export of the merged model",
+               [("--merged", "merged dir"), ("--out", "inference dir")]),
+    "predict": (_stage_predict, "static-graph greedy inference over the dev prompts",
+                [("--inference", "inference dir"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
+    "evaluate": (_stage_evaluate, "BLEU-4 and ROUGE-1/2/L",
+                 [("--predictions", "predictions.json"), ("--out", "metrics.json")]),
+}
+
+
+PADDLENLP_STAGES = {"init-model", "sft", "merge", "export", "predict"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamapipe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (handler, help_text, paths) in STAGES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--params", type=_params, default={}, help="the stage's config section as JSON")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads (OMP/MKL) for this stage")
+        p.add_argument("--seed", type=int, default=42)
+        for flag, flag_help in paths:
+            p.add_argument(flag, required=True, help=flag_help)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from llamapipe.paddle_env import prepare, quiet_paddlenlp
+
+    prepare(args.threads)
+    if args.stage in PADDLENLP_STAGES:
+        quiet_paddlenlp()
+    log = logging.getLogger("llamapipe")
+    started = time.time()
+    handler: Callable[[argparse.Namespace], Any] = args.handler
+    try:
+        result = handler(args)
+    except PipelineError as exc:
+        log.error("%s failed: %s", args.stage, exc)
+        sys.exit(2)
+    log.info("%s finished in %.1fs: %s", args.stage, time.time() - started,
+             json.dumps(result, ensure_ascii=False, default=str))

@@ -1,0 +1,63 @@
+"""merge: one plain checkpoint for export.
+
+LoRA weights are folded into the base (PaddleNLP's ``LoRAModel.merge``); full fine-tunes in
+any layout (sharded, safetensors, tensor-parallel ranks) become one ``model_state.pdparams``;
+config.json gets the guide's fix-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Dict
+
+from llamapipe import checkpoint_io
+from llamapipe.atomic import atomic_dir, write_json
+
+log = logging.getLogger("llamapipe.merge")
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def merge_lora(base_dir: str, lora_dir: str) -> Dict[str, Any]:
+    from paddlenlp.peft import LoRAModel
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
+    base_keys = set(model.state_dict())
+    lora_model = LoRAModel.from_pretrained(model, lora_path=lora_dir)
+    lora_model.merge()
+    merged = lora_model.restore_original_model().state_dict()
+    # Restored LoRA layers carry zero biases the base LLaMA has no slot for: keep the base's keys.
+    extra = [k for k in merged if k not in base_keys and bool(merged[k].abs().max() > 0)]
+    if extra:
+        log.warning("dropping non-zero tensors absent from the base model: %s", extra[:5])
+    return {k: v.numpy() for k, v in merged.items() if k in base_keys}
+
+
+def run(params: Dict[str, Any], sft_dir: str, base_dir: str, out_dir: str) -> Dict[str, Any]:
+    sft = Path(sft_dir)
+    is_lora = (sft / "lora_config.json").exists()
+    state = merge_lora(base_dir, sft_dir) if is_lora else checkpoint_io.load_state_dict(sft_dir)
+    config_src = Path(base_dir if is_lora else sft_dir) / "config.json"
+    config = json.loads(config_src.read_text())
+    fixed = checkpoint_io.fix_config(config, params["dtype"])
+    changed = sorted(k for k in fixed if config.get(k) != fixed[k])
+
+    with atomic_dir(out_dir) as tmp:
+        checkpoint_io.save_merged(state, tmp)
+        write_json(tmp / "config.json", fixed)
+        for name in TOKENIZER_FILES:
+            if (sft / name).exists():
+                shutil.copyfile(sft / name, tmp / name)
+        summary = {
+            "source": "lora" if is_lora else "full",
+            "tensors": len(state),
+            "parameters": int(sum(v.size for v in state.values())),
+            "config_fixed_fields": changed,
+        }
+        write_json(tmp / "merge_summary.json", summary)
+    log.info("merged %s checkpoint: %d tensors -> %s", summary["source"], len(state), out_dir)
+    return summary

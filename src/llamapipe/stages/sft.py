@@ -1,0 +1,211 @@
+"""sft: supervised fine-tuning (full or LoRA) with PaddleNLP's Trainer.
+
+Checkpoints go to ``ckpt_dir``, which is NOT the rule's output: Snakemake deletes the outputs of
+a failed job, so a killed run would otherwise start over. A fingerprint of everything that
+shapes training (params, data, base model) guards the checkpoints: a rerun resumes only a run
+that was training the same thing, and a stale one is moved aside, not deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llamapipe.atomic import atomic_dir, write_json
+from llamapipe.hashing import sha256_file, sha256_json
+from llamapipe.tokenizer_io import encode_example, load_tokenizer
+
+log = logging.getLogger("llamapipe.sft")
+
+# Knobs that change what is trained; save/log cadence does not, so it may change across a resume.
+CADENCE_KEYS = {"save_steps", "logging_steps", "save_total_limit"}
+
+LORA_TARGET_MODULES = [  # PaddleNLP's LLaMA LoRA targets (llm/utils: get_lora_target_modules)
+    ".*q_proj.*",
+    ".*k_proj.*",
+    ".*v_proj.*",
+    ".*o_proj.*",
+    ".*gate_proj.*",
+    ".*up_proj.*",
+    ".*down_proj.*",
+]
+
+
+def load_examples(path: str, tok: Any, src_length: int, max_length: int) -> List[Dict[str, List[int]]]:
+    with open(path, encoding="utf-8") as f:
+        return [
+            encode_example(tok, rec["src"], rec["tgt"], src_length, max_length)
+            for rec in map(json.loads, f)
+        ]
+
+
+def fingerprint(params: Dict[str, Any], train_file: str, base_dir: str, seed: int) -> Dict[str, str]:
+    shaping = {k: v for k, v in params.items() if k not in CADENCE_KEYS}
+    return {
+        "params": sha256_json({"params": shaping, "seed": seed}),
+        "train_data": sha256_file(train_file),
+        "base_model": sha256_file(os.path.join(base_dir, "config.json")),
+    }
+
+
+def prepare_checkpoint_dir(ckpt_dir: Path, fp: Dict[str, str]) -> Optional[str]:
+    """Return the checkpoint to resume from, or None; set aside checkpoints of a different run."""
+    from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+
+    fp_file = ckpt_dir / "fingerprint.json"
+    if ckpt_dir.exists():
+        old = json.loads(fp_file.read_text()) if fp_file.exists() else None
+        if old != fp:
+            aside = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            changed = sorted(k for k in fp if not old or old.get(k) != fp[k])
+            log.warning("checkpoints in %s belong to another run (changed: %s); moved to %s",
+                        ckpt_dir, ", ".join(changed) or "no fingerprint", aside)
+            shutil.move(str(ckpt_dir), str(aside))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(fp_file, fp)
+    last = get_last_checkpoint(str(ckpt_dir))
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+class LossLogWriter:
+    """Trainer callback: one JSON line per log event, flushed at once so a user can tail it.
+
+    PaddleNLP's Trainer empties ``state.log_history`` after each log, so this file is the
+    record. It lives beside the checkpoints; on resume it is cut back to the resumed step.
+    """
+
+    def __init__(self, path: Path, resume_step: int):
+        kept = []
+        if resume_step and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self.path = path
+
+    def callback(self) -> Any:
+        from paddlenlp.trainer import TrainerCallback
+
+        writer = self
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                entry = {"step": state.global_step}
+                entry.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+                with open(writer.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
+
+        return _Callback()
+
+    def entries(self) -> List[Dict[str, Any]]:
+        return [json.loads(ln) for ln in self.path.read_text().splitlines()]
+
+
+def build_model(base_dir: str, params: Dict[str, Any], dtype: str) -> Any:
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    if not params["lora"]:
+        return model
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    lora_config = LoRAConfig(
+        target_modules=LORA_TARGET_MODULES,
+        r=params["lora_rank"],
+        lora_alpha=params["lora_alpha"],
+        dtype=dtype,
+        base_model_name_or_path=base_dir,
+    )
+    model = LoRAModel(model, lora_config)
+    model.mark_only_lora_as_trainable()
+    return model
+
+
+def run(
+    params: Dict[str, Any],
+    train_file: str,
+    base_dir: str,
+    out_dir: str,
+    ckpt_dir: str,
+    seed: int,
+    device: str = "cpu",
+) -> Dict[str, Any]:
+    from paddlenlp.data import DataCollatorForSeq2Seq
+    from paddlenlp.datasets import MapDataset
+    from paddlenlp.trainer import Trainer, TrainingArguments
+
+    from llamapipe.paddle_env import seed_everything
+
+    seed_everything(seed)
+    tok = load_tokenizer(base_dir)
+    examples = load_examples(train_file, tok, params["src_length"], params["max_length"])
+    fp = fingerprint(params, train_file, base_dir, seed)
+    resume = prepare_checkpoint_dir(Path(ckpt_dir), fp)
+
+    resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    loss_log = LossLogWriter(Path(ckpt_dir) / "train_log.jsonl", resume_step)
+    model = build_model(base_dir, params, params["dtype"])
+    args = TrainingArguments(
+        output_dir=ckpt_dir,
+        device=device,
+        seed=seed,
+        max_steps=params["max_steps"],
+        per_device_train_batch_size=params["per_device_train_batch_size"],
+        gradient_accumulation_steps=params["gradient_accumulation_steps"],
+        learning_rate=params["learning_rate"],
+        warmup_steps=params["warmup_steps"],
+        weight_decay=params["weight_decay"],
+        lr_scheduler_type="linear",
+        logging_steps=params["logging_steps"],
+        save_steps=params["save_steps"],
+        save_total_limit=params["save_total_limit"],
+        bf16=params["dtype"] == "bfloat16",
+        fp16=params["dtype"] == "float16",
+        disable_tqdm=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer=tok, padding=True, label_pad_token_id=-100, return_tensors="np")
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=MapDataset(examples),
+        tokenizer=tok,
+        data_collator=collator,
+        callbacks=[loss_log.callback()],
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.time() - started
+
+    history = loss_log.entries()
+    losses = [h for h in history if "loss" in h]
+    tokens_per_step = sum(len(e["input_ids"]) for e in examples) / len(examples) * (
+        params["per_device_train_batch_size"] * params["gradient_accumulation_steps"]
+    )
+    steps_run = trainer.state.global_step - resume_step
+    summary = {
+        "mode": "lora" if params["lora"] else "full",
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume,
+        "steps_this_run": steps_run,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "train_seconds_this_run": round(elapsed, 3),
+        "tokens_per_second": round(tokens_per_step * steps_run / elapsed, 1) if elapsed > 0 else None,
+        "train_loss": result.training_loss,
+        "examples": len(examples),
+    }
+    with atomic_dir(out_dir) as tmp:
+        trainer.save_model(str(tmp))
+        tok.save_pretrained(str(tmp))
+        shutil.copyfile(loss_log.path, tmp / "train_log.jsonl")
+        write_json(tmp / "train_summary.json", summary)
+    log.info("sft done: step %s, loss %s -> %s", summary["global_step"], summary["first_loss"], summary["final_loss"])
+    return summary

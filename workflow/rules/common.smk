@@ -1,0 +1,57 @@
+# The one home of config validation, paths and stage parameters: no other file invents a path.
+import json
+import sys
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+
+RESULTS = "results"
+PATHS = {
+    "preflight": f"{RESULTS}/preflight.json",
+    "download_cache": "data/downloads",
+    "raw_data": "data/AdvertiseGen",
+    "data": f"{RESULTS}/data",
+    "train": f"{RESULTS}/data/train.json",
+    "dev": f"{RESULTS}/data/dev.json",
+    "base_model": f"{RESULTS}/model/base",
+    "sft": f"{RESULTS}/sft",
+    # Checkpoints live outside every rule's output: Snakemake deletes the outputs of a failed
+    # job, and these are what a rerun resumes from.
+    "sft_checkpoints": f"{RESULTS}/checkpoints/sft",
+    "merged": f"{RESULTS}/merged",
+    "inference": f"{RESULTS}/inference",
+    "predictions": f"{RESULTS}/predictions.json",
+    "metrics": f"{RESULTS}/metrics.json",
+}
+# Every rule calls the package's CLI with the interpreter that runs Snakemake (the project venv).
+CLI = f"{sys.executable} -m llamapipe"
+
+
+def log_of(rule_name):
+    return f"{RESULTS}/logs/{rule_name}.log"
+
+
+def bench_of(rule_name):
+    return f"{RESULTS}/benchmarks/{rule_name}.tsv"
+
+
+def stage_params(stage):
+    """The config section a stage reads, as JSON; src_length is shared so export and predict
+    agree with what sft trained on."""
+    sections = {
+        "preflight": config["preflight"],
+        "download": {k: config["data"][k] for k in ("url", "sha256", "retries")},
+        "prepare_data": {k: config["data"][k] for k in ("on_error", "max_train", "max_dev")},
+        "init_model": config["model"],
+        "sft": config["sft"],
+        "merge": {"dtype": config["export"]["dtype"]},
+        "export": {**config["export"], "src_length": config["sft"]["src_length"]},
+        "predict": config["predict"],
+    }
+    return json.dumps(sections[stage], sort_keys=True)
+
+
+def all_outputs():
+    return [PATHS["predictions"], PATHS["metrics"]]
