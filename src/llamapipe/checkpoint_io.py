@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,21 +42,21 @@ def _to_numpy(value: Any) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-def _load_pdparams(path: Path) -> Dict[str, np.ndarray]:
+def _load_pdparams(path: Path) -> dict[str, np.ndarray]:
     import paddle
 
     return {k: _to_numpy(v) for k, v in paddle.load(str(path), return_numpy=True).items()}
 
 
-def _load_safetensors(path: Path) -> Dict[str, np.ndarray]:
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(path))
 
 
-def _load_indexed(index_file: Path, loader: Callable[[Path], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+def _load_indexed(index_file: Path, loader: Callable[[Path], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     weight_map = json.loads(index_file.read_text())["weight_map"]
-    state: Dict[str, np.ndarray] = {}
+    state: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         state.update(loader(index_file.parent / shard))
     missing = set(weight_map) - set(state)
@@ -65,7 +65,7 @@ def _load_indexed(index_file: Path, loader: Callable[[Path], Dict[str, np.ndarra
     return state
 
 
-def merge_tensor_parallel(shards: List[Dict[str, np.ndarray]], config: Dict[str, Any]) -> Dict[str, np.ndarray]:
+def merge_tensor_parallel(shards: list[dict[str, np.ndarray]], config: dict[str, Any]) -> dict[str, np.ndarray]:
     """Concatenate TP ranks with the LLaMA class's own split/merge rules (column vs row)."""
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,7 +79,7 @@ def merge_tensor_parallel(shards: List[Dict[str, np.ndarray]], config: Dict[str,
     return merged
 
 
-def load_state_dict(ckpt: str) -> Dict[str, np.ndarray]:
+def load_state_dict(ckpt: str) -> dict[str, np.ndarray]:
     """Read the model weights of a checkpoint directory in any supported layout."""
     d = Path(ckpt)
     tp = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := TP_SHARD.match(p.name)))
@@ -97,7 +97,7 @@ def load_state_dict(ckpt: str) -> Dict[str, np.ndarray]:
     raise PipelineError(f"{ckpt}: no model weights found (looked for pdparams, safetensors, tp shards)")
 
 
-def save_merged(state: Dict[str, np.ndarray], out_dir: Path) -> Path:
+def save_merged(state: dict[str, np.ndarray], out_dir: Path) -> Path:
     import paddle
 
     path = out_dir / MERGED_WEIGHTS
@@ -105,7 +105,7 @@ def save_merged(state: Dict[str, np.ndarray], out_dir: Path) -> Path:
     return path
 
 
-def fix_config(config: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+def fix_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     """Apply the guide's config.json fix-up; ``dtype`` is what export will run in."""
     fixed = dict(config)
     fixed.update(CONFIG_FIXUP)

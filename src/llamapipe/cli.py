@@ -13,12 +13,12 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 from llamapipe.errors import PipelineError
 
 
-def _params(text: str) -> Dict[str, Any]:
+def _params(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -86,7 +86,7 @@ def _stage_evaluate(a: argparse.Namespace) -> Any:
 
 
 # name -> (handler, help, [(flag, help)]) ; every stage also takes --params/--threads/--seed.
-STAGES: Dict[str, Any] = {
+STAGES: dict[str, Any] = {
     "preflight": (_stage_preflight, "check the host and the Python stack", [("--out", "preflight.json")]),
     "download": (_stage_download, "fetch, verify and safely extract the data archive",
                  [("--out", "extraction dir"), ("--cache-dir", "where the archive is kept")]),
@@ -136,7 +136,7 @@ def _configure_logging() -> None:
     root.propagate = False
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _configure_logging()
     from llamapipe.paddle_env import prepare, quiet_paddlenlp

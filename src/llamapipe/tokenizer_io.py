@@ -5,9 +5,9 @@ Training and prediction must encode prompts identically, so both go through here
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Union
+from typing import Any, Union
 
-Text = Union[str, List[str]]
+Text = Union[str, list[str]]
 
 
 def load_tokenizer(path: str, padding_side: str = "right") -> Any:
@@ -26,13 +26,13 @@ def flatten(text: Text) -> str:
     return "\n".join(text) if isinstance(text, list) else text
 
 
-def encode_prompt(tok: Any, src: Text, src_length: int) -> List[int]:
+def encode_prompt(tok: Any, src: Text, src_length: int) -> list[int]:
     """bos + src tokens, truncated to ``src_length`` tokens in all."""
     ids = tok.encode(flatten(src), add_special_tokens=False)["input_ids"]
     return [tok.bos_token_id] + ids[: max(src_length - 1, 0)]
 
 
-def encode_example(tok: Any, src: Text, tgt: Text, src_length: int, max_length: int) -> Dict[str, List[int]]:
+def encode_example(tok: Any, src: Text, tgt: Text, src_length: int, max_length: int) -> dict[str, list[int]]:
     """Prompt + target + eos, labels masked (-100) on the prompt as in PaddleNLP SFT.
 
     PaddleNLP's LLaMA criterion does not shift, so (like its ``llm/utils/data.py``) we do:
@@ -46,7 +46,7 @@ def encode_example(tok: Any, src: Text, tgt: Text, src_length: int, max_length: 
     return {"input_ids": tokens[:-1], "labels": labels[1:]}
 
 
-def left_padded_batch(tok: Any, srcs: List[Text], src_length: int) -> Dict[str, Any]:
+def left_padded_batch(tok: Any, srcs: list[Text], src_length: int) -> dict[str, Any]:
     """Prompts left-padded for decoding: mask 0 on pads, positions count real tokens only."""
     import numpy as np
 

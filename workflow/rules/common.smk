@@ -1,8 +1,13 @@
 # The one home of config validation, paths and stage parameters: no other file invents a path.
 import json
+import os
 import sys
 
 from snakemake.utils import validate
+
+
+envvars:
+    "PATH",
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -25,8 +30,12 @@ PATHS = {
     "predictions": f"{RESULTS}/predictions.json",
     "metrics": f"{RESULTS}/metrics.json",
 }
-# Every rule calls the package's CLI with the interpreter that runs Snakemake (the project venv).
-CLI = f"{sys.executable} -m llamapipe"
+# Rules call the package's `llamapipe` CLI; put the venv that runs Snakemake first on PATH so a
+# user need not activate it (`.venv/bin/snakemake ...` just works).
+os.environ["PATH"] = os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+)
+CONDA_ENV = "../../envs/conda-cpu.yaml"
 
 
 def log_of(rule_name):
@@ -43,7 +52,9 @@ def stage_params(stage):
     sections = {
         "preflight": config["preflight"],
         "download": {k: config["data"][k] for k in ("url", "sha256", "retries")},
-        "prepare_data": {k: config["data"][k] for k in ("on_error", "max_train", "max_dev")},
+        "prepare_data": {
+            k: config["data"][k] for k in ("on_error", "max_train", "max_dev")
+        },
         "init_model": config["model"],
         "sft": config["sft"],
         "merge": {"dtype": config["export"]["dtype"]},

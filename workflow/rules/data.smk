@@ -8,12 +8,14 @@ rule download_data:
         log_of("download_data"),
     benchmark:
         bench_of("download_data")
+    conda:
+        CONDA_ENV
     params:
         args=stage_params("download"),
-        out=PATHS["raw_data"],
+        out=lambda wildcards, output: os.path.dirname(output.train),
         cache=PATHS["download_cache"],
     shell:
-        "{CLI} download --params {params.args:q} --out {params.out} --cache-dir {params.cache}"
+        "llamapipe download --params {params.args:q} --out {params.out} --cache-dir {params.cache}"
         " > {log} 2>&1"
 
 
@@ -28,10 +30,12 @@ rule prepare_data:
         log_of("prepare_data"),
     benchmark:
         bench_of("prepare_data")
+    conda:
+        CONDA_ENV
     params:
         args=stage_params("prepare_data"),
-        src=PATHS["raw_data"],
-        out=PATHS["data"],
+        src=lambda wildcards, input: os.path.dirname(input[0]),
+        out=lambda wildcards, output: os.path.dirname(output.train),
     shell:
-        "{CLI} prepare-data --params {params.args:q} --src {params.src} --out {params.out}"
+        "llamapipe prepare-data --params {params.args:q} --src {params.src} --out {params.out}"
         " > {log} 2>&1"

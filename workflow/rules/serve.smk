@@ -7,10 +7,12 @@ rule export:
         log_of("export"),
     benchmark:
         bench_of("export")
+    conda:
+        CONDA_ENV
     params:
         args=stage_params("export"),
     shell:
-        "{CLI} export --params {params.args:q} --merged {input} --out {output} > {log} 2>&1"
+        "llamapipe export --params {params.args:q} --merged {input} --out {output} > {log} 2>&1"
 
 
 rule predict:
@@ -23,11 +25,13 @@ rule predict:
         log_of("predict"),
     benchmark:
         bench_of("predict")
+    conda:
+        CONDA_ENV
+    threads: config["threads"]
     params:
         args=stage_params("predict"),
-    threads: config["threads"]
     shell:
-        "{CLI} predict --params {params.args:q} --threads {threads} --inference {input.inference}"
+        "llamapipe predict --params {params.args:q} --threads {threads} --inference {input.inference}"
         " --dev {input.dev} --out {output} > {log} 2>&1"
 
 
@@ -40,5 +44,7 @@ rule evaluate:
         log_of("evaluate"),
     benchmark:
         bench_of("evaluate")
+    conda:
+        CONDA_ENV
     shell:
-        "{CLI} evaluate --predictions {input} --out {output} > {log} 2>&1"
+        "llamapipe evaluate --predictions {input} --out {output} > {log} 2>&1"

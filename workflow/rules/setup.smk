@@ -5,7 +5,9 @@ rule preflight:
         log_of("preflight"),
     benchmark:
         bench_of("preflight")
+    conda:
+        CONDA_ENV
     params:
         args=stage_params("preflight"),
     shell:
-        "{CLI} preflight --params {params.args:q} --out {output} > {log} 2>&1"
+        "llamapipe preflight --params {params.args:q} --out {output} > {log} 2>&1"

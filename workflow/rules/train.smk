@@ -7,12 +7,14 @@ rule init_model:
         log_of("init_model"),
     benchmark:
         bench_of("init_model")
+    conda:
+        CONDA_ENV
+    threads: config["threads"]
     params:
         args=stage_params("init_model"),
         seed=config["seed"],
-    threads: config["threads"]
     shell:
-        "{CLI} init-model --params {params.args:q} --seed {params.seed} --threads {threads}"
+        "llamapipe init-model --params {params.args:q} --seed {params.seed} --threads {threads}"
         " --train {input.train} --out {output} > {log} 2>&1"
 
 
@@ -26,13 +28,15 @@ rule sft:
         log_of("sft"),
     benchmark:
         bench_of("sft")
+    conda:
+        CONDA_ENV
+    threads: config["threads"]
     params:
         args=stage_params("sft"),
         seed=config["seed"],
         ckpt=PATHS["sft_checkpoints"],
-    threads: config["threads"]
     shell:
-        "{CLI} sft --params {params.args:q} --seed {params.seed} --threads {threads}"
+        "llamapipe sft --params {params.args:q} --seed {params.seed} --threads {threads}"
         " --train {input.train} --base {input.base} --out {output} --ckpt-dir {params.ckpt}"
         " > {log} 2>&1"
 
@@ -47,8 +51,10 @@ rule merge:
         log_of("merge"),
     benchmark:
         bench_of("merge")
+    conda:
+        CONDA_ENV
     params:
         args=stage_params("merge"),
     shell:
-        "{CLI} merge --params {params.args:q} --sft {input.sft} --base {input.base}"
+        "llamapipe merge --params {params.args:q} --sft {input.sft} --base {input.base}"
         " --out {output} > {log} 2>&1"

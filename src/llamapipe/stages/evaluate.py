@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, List
+from typing import Any
 
 from llamapipe.atomic import write_json
 
@@ -23,7 +23,7 @@ def _words(text: str) -> str:
     return " ".join(w for w in jieba.cut(text) if w.strip())
 
 
-def rouge_scores(predictions: List[str], references: List[str]) -> Dict[str, float]:
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_chinese import Rouge
 
     rouge = Rouge()
@@ -39,13 +39,13 @@ def rouge_scores(predictions: List[str], references: List[str]) -> Dict[str, flo
     return {key: round(100 * total / n, 4) for key, total in totals.items()}
 
 
-def bleu4(predictions: List[str], references: List[str]) -> float:
+def bleu4(predictions: list[str], references: list[str]) -> float:
     import sacrebleu
 
     return round(sacrebleu.corpus_bleu(predictions, [references], tokenize="zh").score, 4)
 
 
-def score(predictions: List[str], references: List[str]) -> Dict[str, Any]:
+def score(predictions: list[str], references: list[str]) -> dict[str, Any]:
     rouge = rouge_scores(predictions, references)
     return {
         "bleu-4": bleu4(predictions, references),
@@ -57,7 +57,7 @@ def score(predictions: List[str], references: List[str]) -> Dict[str, Any]:
     }
 
 
-def run(predictions_file: str, out_file: str) -> Dict[str, Any]:
+def run(predictions_file: str, out_file: str) -> dict[str, Any]:
     import jieba
 
     jieba.setLogLevel(logging.WARNING)

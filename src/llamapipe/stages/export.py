@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from llamapipe.atomic import atomic_dir, write_json
 
@@ -55,7 +55,7 @@ def input_spec() -> list:
     ]
 
 
-def run(params: Dict[str, Any], merged_dir: str, out_dir: str) -> Dict[str, Any]:
+def run(params: dict[str, Any], merged_dir: str, out_dir: str) -> dict[str, Any]:
     import paddle
     from paddlenlp.transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ import logging
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from llamapipe.atomic import atomic_dir
 from llamapipe.errors import PipelineError
@@ -64,7 +64,7 @@ def train_sentencepiece(corpus: Path, prefix: Path, vocab_size: int, seed: int) 
         return fitted
 
 
-def run(params: Dict[str, Any], train_file: str, out_dir: str, seed: int) -> Dict[str, Any]:
+def run(params: dict[str, Any], train_file: str, out_dir: str, seed: int) -> dict[str, Any]:
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     from llamapipe.paddle_env import seed_everything

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from llamapipe import checkpoint_io
 from llamapipe.atomic import atomic_dir, write_json
@@ -21,7 +21,7 @@ log = logging.getLogger("llamapipe.merge")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model", "tokenizer.model")
 
 
-def merge_lora(base_dir: str, lora_dir: str) -> Dict[str, Any]:
+def merge_lora(base_dir: str, lora_dir: str) -> dict[str, Any]:
     from paddlenlp.peft import LoRAModel
     from paddlenlp.transformers import AutoModelForCausalLM
 
@@ -37,7 +37,7 @@ def merge_lora(base_dir: str, lora_dir: str) -> Dict[str, Any]:
     return {k: v.numpy() for k, v in merged.items() if k in base_keys}
 
 
-def run(params: Dict[str, Any], sft_dir: str, base_dir: str, out_dir: str) -> Dict[str, Any]:
+def run(params: dict[str, Any], sft_dir: str, base_dir: str, out_dir: str) -> dict[str, Any]:
     sft = Path(sft_dir)
     is_lora = (sft / "lora_config.json").exists()
     state = merge_lora(base_dir, sft_dir) if is_lora else checkpoint_io.load_state_dict(sft_dir)

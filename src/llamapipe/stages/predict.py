@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class StaticGreedyPredictor:
         self.predictor = inference.create_predictor(config)
         self.tok = load_tokenizer(str(self.dir), padding_side="left")
 
-    def generate_ids(self, srcs: List[Any], max_new_tokens: int) -> np.ndarray:
+    def generate_ids(self, srcs: list[Any], max_new_tokens: int) -> np.ndarray:
         feeds = left_padded_batch(self.tok, srcs, self.export["src_length"])
         feeds["max_new_tokens"] = np.array([max_new_tokens], dtype="int64")
         feeds["top_k"] = np.array([1], dtype="int64")  # greedy
@@ -47,18 +47,18 @@ class StaticGreedyPredictor:
         self.predictor.run()
         return self.predictor.get_output_handle(self.predictor.get_output_names()[0]).copy_to_cpu()
 
-    def generate(self, srcs: List[Any], max_new_tokens: int) -> List[str]:
+    def generate(self, srcs: list[Any], max_new_tokens: int) -> list[str]:
         ids = self.generate_ids(srcs, max_new_tokens)
         return [decode_generated(self.tok, row, self.export["eos_token_id"]) for row in ids]
 
 
-def read_records(path: str) -> List[Dict[str, Any]]:
+def read_records(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(params: Dict[str, Any], inference_dir: str, dev_file: str, out_file: str, threads: int = 1,
-        device: str = "cpu") -> Dict[str, Any]:
+def run(params: dict[str, Any], inference_dir: str, dev_file: str, out_file: str, threads: int = 1,
+        device: str = "cpu") -> dict[str, Any]:
     predictor = StaticGreedyPredictor(inference_dir, threads=threads, device=device)
     max_new = params["max_new_tokens"]
     if max_new > predictor.export["max_new_tokens"]:
@@ -71,7 +71,7 @@ def run(params: Dict[str, Any], inference_dir: str, dev_file: str, out_file: str
         records = records[: params["limit"]]
     # Batch prompts of similar length together (less padding); output keeps the dev order.
     order = sorted(range(len(records)), key=lambda i: len(str(records[i]["src"])))
-    outputs: Dict[int, str] = {}
+    outputs: dict[int, str] = {}
     batch = params["batch_size"]
     started = time.time()
     for b in range(0, len(order), batch):

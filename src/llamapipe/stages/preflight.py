@@ -10,7 +10,7 @@ import logging
 import os
 import platform
 import shutil
-from typing import Any, Dict, List
+from typing import Any
 
 from llamapipe.atomic import write_json
 from llamapipe.errors import PipelineError
@@ -20,10 +20,10 @@ log = logging.getLogger("llamapipe.preflight")
 STACK = ("paddle", "paddlenlp", "sentencepiece", "numpy")
 
 
-def package_versions(names=STACK) -> Dict[str, Any]:
+def package_versions(names=STACK) -> dict[str, Any]:
     import importlib
 
-    found: Dict[str, Any] = {}
+    found: dict[str, Any] = {}
     for name in names:
         try:
             found[name] = getattr(importlib.import_module(name), "__version__", "unknown")
@@ -40,10 +40,10 @@ def memory_gib() -> float:
         return float("nan")
 
 
-def run(params: Dict[str, Any], out_file: str, workdir: str = ".") -> Dict[str, Any]:
+def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, Any]:
     versions = package_versions()
     free_gib = shutil.disk_usage(workdir).free / 2**30
-    problems: List[str] = [f"Python package {k} does not import" for k, v in versions.items() if v is None]
+    problems: list[str] = [f"Python package {k} does not import" for k, v in versions.items() if v is None]
     if free_gib < params["min_free_disk_gb"]:
         problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
     expected = params.get("expected_versions") or {}

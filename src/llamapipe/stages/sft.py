@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from llamapipe.atomic import atomic_dir, write_json
 from llamapipe.hashing import sha256_file, sha256_json
@@ -36,7 +36,7 @@ LORA_TARGET_MODULES = [  # PaddleNLP's LLaMA LoRA targets (llm/utils: get_lora_t
 ]
 
 
-def load_examples(path: str, tok: Any, src_length: int, max_length: int) -> List[Dict[str, List[int]]]:
+def load_examples(path: str, tok: Any, src_length: int, max_length: int) -> list[dict[str, list[int]]]:
     with open(path, encoding="utf-8") as f:
         return [
             encode_example(tok, rec["src"], rec["tgt"], src_length, max_length)
@@ -44,7 +44,7 @@ def load_examples(path: str, tok: Any, src_length: int, max_length: int) -> List
         ]
 
 
-def fingerprint(params: Dict[str, Any], train_file: str, base_dir: str, seed: int) -> Dict[str, str]:
+def fingerprint(params: dict[str, Any], train_file: str, base_dir: str, seed: int) -> dict[str, str]:
     shaping = {k: v for k, v in params.items() if k not in CADENCE_KEYS}
     return {
         "params": sha256_json({"params": shaping, "seed": seed}),
@@ -53,7 +53,7 @@ def fingerprint(params: Dict[str, Any], train_file: str, base_dir: str, seed: in
     }
 
 
-def prepare_checkpoint_dir(ckpt_dir: Path, fp: Dict[str, str]) -> Optional[str]:
+def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str]) -> str | None:
     """Return the checkpoint to resume from, or None; set aside checkpoints of a different run."""
     from paddlenlp.trainer.trainer_utils import get_last_checkpoint
 
@@ -102,11 +102,11 @@ class LossLogWriter:
 
         return _Callback()
 
-    def entries(self) -> List[Dict[str, Any]]:
+    def entries(self) -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()]
 
 
-def build_model(base_dir: str, params: Dict[str, Any], dtype: str) -> Any:
+def build_model(base_dir: str, params: dict[str, Any], dtype: str) -> Any:
     from paddlenlp.transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
@@ -127,14 +127,14 @@ def build_model(base_dir: str, params: Dict[str, Any], dtype: str) -> Any:
 
 
 def run(
-    params: Dict[str, Any],
+    params: dict[str, Any],
     train_file: str,
     base_dir: str,
     out_dir: str,
     ckpt_dir: str,
     seed: int,
     device: str = "cpu",
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     from paddlenlp.data import DataCollatorForSeq2Seq
     from paddlenlp.datasets import MapDataset
     from paddlenlp.trainer import Trainer, TrainingArguments

@@ -1,0 +1,65 @@
+"""Shared fixtures: the project root, and throw-away copies of the project for real runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SNAKEMAKE = [PYTHON, "-m", "snakemake"]
+
+# What a fresh clone holds that a run needs (results/, data/ and .snakemake/ are left behind).
+PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets")
+
+
+def copy_project(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run Snakemake in ``workdir``; on failure show its output and the rule logs."""
+    proc = subprocess.run(
+        [*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if check and proc.returncode != 0:
+        logs = "".join(
+            f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results/logs").glob("*.log"))
+        ) if (workdir / "results/logs").exists() else ""
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}{logs}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> set:
+    """Rule names a dry-run would execute (from the job-stats table)."""
+    out = snakemake(workdir, "-n", *args).stdout
+    jobs = set()
+    in_table = False
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+            continue
+        if in_table and not parts:
+            break
+        if in_table and len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            jobs.add(parts[0])
+    return jobs - {"all"}
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    return copy_project(tmp_path / "project")

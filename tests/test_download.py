@@ -1,0 +1,359 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from http_fixtures import ServerScript, serve
+from llamapipe.errors import PipelineError
+from llamapipe.stages import download
+
+GOOD_FILES = {
+    "train.json": '{"src": "类型#裙*颜色#蓝色", "tgt": "这条裙子蓝色清爽。"}\n'.encode(),
+    "dev.json": '{"src": "类型#裤*颜色#黑色", "tgt": "这条裤子黑色显瘦。"}\n'.encode(),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch):
+    monkeypatch.setattr(download, "BACKOFF_SECONDS", 0.0)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_tar(members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def good_members(prefix: str = "AdvertiseGen/") -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    out: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    if prefix:
+        d = tarfile.TarInfo(prefix.rstrip("/"))
+        d.type = tarfile.DIRTYPE
+        out.append((d, None))
+    out += [(tarfile.TarInfo(prefix + name), data) for name, data in GOOD_FILES.items()]
+    return out
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info, None
+
+
+def write_archive(tmp_path: Path, data: bytes, name: str = "data.tar.gz") -> Path:
+    path = tmp_path / "src" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def run_file(tmp_path: Path, data: bytes, sha256: str | None = None) -> dict:
+    path = write_archive(tmp_path, data)
+    return download.run(path.as_uri(), sha256 or sha(data), str(tmp_path / "data" / "AdvertiseGen"),
+                        str(tmp_path / "cache"))
+
+
+# --- checksums and local urls ------------------------------------------------------------------
+
+def test_file_url_abs_extracts_and_strips_top_dir(tmp_path):
+    data = make_tar(good_members())
+    summary = run_file(tmp_path, data)
+    out = tmp_path / "data" / "AdvertiseGen"
+    assert sorted(p.name for p in out.iterdir()) == ["dev.json", "train.json"]
+    assert (out / "train.json").read_bytes() == GOOD_FILES["train.json"]
+    assert summary["files"] == ["dev.json", "train.json"]
+    assert summary["sha256"] == sha(data) and summary["bytes"] == len(data)
+    assert (tmp_path / "cache" / "data.tar.gz").read_bytes() == data
+    assert sorted(os.listdir(tmp_path / "data")) == ["AdvertiseGen"]  # no temp dirs left
+
+
+def test_archive_without_top_dir(tmp_path):
+    run_file(tmp_path, make_tar(good_members(prefix="")))
+    assert sorted(p.name for p in (tmp_path / "data" / "AdvertiseGen").iterdir()) == ["dev.json", "train.json"]
+
+
+def test_archive_with_dot_slash_names(tmp_path):
+    members = [(tarfile.TarInfo("./" + n), d) for n, d in GOOD_FILES.items()]
+    run_file(tmp_path, make_tar(members))
+    assert (tmp_path / "data" / "AdvertiseGen" / "dev.json").is_file()
+
+
+def test_file_url_relative(tmp_path, monkeypatch):
+    data = make_tar(good_members())
+    write_archive(tmp_path, data)
+    monkeypatch.chdir(tmp_path)
+    download.run("file:src/data.tar.gz", sha(data).upper(), "out", "cache")
+    assert (tmp_path / "out" / "train.json").is_file()
+
+
+def test_sha_mismatch_names_both_hashes_and_leaves_nothing(tmp_path):
+    data = make_tar(good_members())
+    wrong = "0" * 64
+    with pytest.raises(PipelineError) as e:
+        run_file(tmp_path, data, sha256=wrong)
+    msg = str(e.value)
+    assert wrong in msg and sha(data) in msg and "file://" in msg
+    assert not (tmp_path / "cache" / "data.tar.gz").exists()
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "data" / "AdvertiseGen").exists()
+    assert (tmp_path / "src" / "data.tar.gz").exists()  # the user's own file is never removed
+
+
+def test_cached_archive_is_reused(tmp_path, caplog):
+    data = make_tar(good_members())
+    src = write_archive(tmp_path, data)
+    args = (src.as_uri(), sha(data), str(tmp_path / "out"), str(tmp_path / "cache"))
+    download.run(*args)
+    src.unlink()  # a second fetch would now fail
+    caplog.set_level("INFO", logger="llamapipe.download")
+    assert download.run(*args)["files"] == ["dev.json", "train.json"]
+    assert "skipping the download" in caplog.text
+
+
+def test_cache_dir_holding_the_source_file_is_never_deleted(tmp_path, monkeypatch):
+    data = make_tar(good_members())
+    write_archive(tmp_path, data)
+    monkeypatch.chdir(tmp_path)
+    download.run("file:src/data.tar.gz", sha(data), "out", "src")
+    with pytest.raises(PipelineError, match="sha256 mismatch"):
+        download.run("file:src/data.tar.gz", "0" * 64, "out2", "src")
+    assert (tmp_path / "src" / "data.tar.gz").read_bytes() == data
+
+
+def test_bad_sha_format_and_missing_file(tmp_path):
+    with pytest.raises(PipelineError, match="64 hex digits"):
+        download.run("file:/x.tar.gz", "abc", str(tmp_path / "o"), str(tmp_path / "c"))
+    with pytest.raises(PipelineError, match="no such file"):
+        download.run((tmp_path / "nope.tar.gz").as_uri(), "0" * 64, str(tmp_path / "o"), str(tmp_path / "c"))
+    with pytest.raises(PipelineError, match="unsupported url scheme"):
+        download.run("ftp://host/x.tar.gz", "0" * 64, str(tmp_path / "o"), str(tmp_path / "c"))
+
+
+# --- http ----------------------------------------------------------------------------------------
+
+def http_run(tmp_path: Path, script: ServerScript, sha256: str | None = None, retries: int = 5) -> dict:
+    with serve(script) as base:
+        return download.run(f"{base}/AdvertiseGen.tar.gz", sha256 or sha(script.body),
+                            str(tmp_path / "out"), str(tmp_path / "cache"), retries=retries, timeout=5)
+
+
+def test_http_plain(tmp_path):
+    script = ServerScript(body=make_tar(good_members()))
+    summary = http_run(tmp_path, script)
+    assert script.requests == [None]
+    assert summary["files"] == ["dev.json", "train.json"]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["AdvertiseGen.tar.gz"]
+
+
+def resumed_from(script: ServerScript) -> int:
+    """The offset of the second request's Range (the bytes that reached disk before the drop)."""
+    assert len(script.requests) == 2 and script.requests[0] is None, script.requests
+    m = re.fullmatch(r"bytes=(\d+)-", script.requests[1] or "")
+    assert m, script.requests
+    return int(m.group(1))
+
+
+def padded_archive() -> bytes:
+    # Bigger than a few download chunks, so some whole chunks reach disk before the drop.
+    return make_tar(good_members() + [(tarfile.TarInfo("AdvertiseGen/pad.bin"), os.urandom(300_000))])
+
+
+def test_http_resumes_after_drop_with_range(tmp_path):
+    body = padded_archive()
+    script = ServerScript(body=body, drop_after=200_000)
+    http_run(tmp_path, script)
+    assert 0 < resumed_from(script) <= 200_000
+    assert (tmp_path / "cache" / "AdvertiseGen.tar.gz").read_bytes() == body
+    assert (tmp_path / "out" / "pad.bin").stat().st_size == 300_000
+
+
+def test_http_restarts_when_server_ignores_range(tmp_path):
+    body = padded_archive()
+    script = ServerScript(body=body, drop_after=200_000, ignore_range=True)
+    http_run(tmp_path, script)
+    assert resumed_from(script) > 0  # asked to resume, got 200: started over
+    assert (tmp_path / "cache" / "AdvertiseGen.tar.gz").read_bytes() == body
+
+
+def test_http_complete_part_file_is_finished_not_refetched(tmp_path):
+    script = ServerScript(body=make_tar(good_members()))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "AdvertiseGen.tar.gz.part").write_bytes(script.body)  # crashed before rename
+    http_run(tmp_path, script)
+    assert script.requests == [f"bytes={len(script.body)}-"]  # answered 416: nothing left to fetch
+    assert sorted(os.listdir(tmp_path / "cache")) == ["AdvertiseGen.tar.gz"]
+
+
+def test_http_retries_after_503(tmp_path):
+    script = ServerScript(body=make_tar(good_members()), fail_503=1)
+    http_run(tmp_path, script)
+    assert script.requests == [None, None]
+
+
+def test_http_gives_up_after_retries(tmp_path):
+    script = ServerScript(body=make_tar(good_members()), fail_503=10)
+    with pytest.raises(PipelineError, match="failed after 3 attempts.*503"):
+        http_run(tmp_path, script, retries=2)
+    assert len(script.requests) == 3
+
+
+def test_http_404_is_not_retried(tmp_path):
+    script = ServerScript(status=404)
+    with pytest.raises(PipelineError, match="HTTP 404"):
+        http_run(tmp_path, script, sha256="0" * 64)
+    assert script.requests == [None]
+
+
+def test_http_connection_refused_gives_up(tmp_path):
+    with serve(ServerScript()) as base:
+        pass  # the port is closed again: connection refused on every attempt
+    with pytest.raises(PipelineError, match="failed after 2 attempts"):
+        download.run(f"{base}/x.tar.gz", "0" * 64, str(tmp_path / "o"), str(tmp_path / "c"), retries=1)
+
+
+def test_http_checksum_failure_leaves_no_cache_file(tmp_path):
+    script = ServerScript(body=make_tar(good_members()))
+    with pytest.raises(PipelineError, match="sha256 mismatch") as e:
+        http_run(tmp_path, script, sha256="f" * 64)
+    assert "http://127.0.0.1" in str(e.value)
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the final name nor a .part
+    assert not (tmp_path / "out").exists()
+
+
+# --- tar safety ----------------------------------------------------------------------------------
+
+def _dev(name: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
+    info, _ = special(name, kind)
+    info.devmajor, info.devminor = 1, 3
+    return info, None
+
+
+UNSAFE = {
+    "absolute": ([(tarfile.TarInfo("/tmp/evil.json"), b"x")], "/tmp/evil.json", "absolute path"),
+    "dotdot": ([(tarfile.TarInfo("AdvertiseGen/../../evil.json"), b"x")], "AdvertiseGen/../../evil.json", "'..'"),
+    "symlink_abs": ([special("AdvertiseGen/passwd", tarfile.SYMTYPE, "/etc/passwd")], "AdvertiseGen/passwd", "/etc/passwd"),
+    "symlink_up": ([special("AdvertiseGen/up", tarfile.SYMTYPE, "../../x")], "AdvertiseGen/up", "outside"),
+    "symlink_top_up": ([special("AdvertiseGen/up", tarfile.SYMTYPE, "../x")], "AdvertiseGen/up", "outside"),
+    "symlink_chain": ([special("AdvertiseGen/d", tarfile.SYMTYPE, "."),
+                       special("AdvertiseGen/s", tarfile.SYMTYPE, "d/..")], "AdvertiseGen/s", "outside"),
+    "write_through_symlink": ([special("AdvertiseGen/d", tarfile.SYMTYPE, ".."),
+                               (tarfile.TarInfo("AdvertiseGen/d/x.json"), b"x")], "AdvertiseGen/d", "outside"),
+    "hardlink_out": ([special("AdvertiseGen/hl", tarfile.LNKTYPE, "../etc/passwd")], "AdvertiseGen/hl", "hard link"),
+    "hardlink_abs": ([special("AdvertiseGen/hl", tarfile.LNKTYPE, "/etc/passwd")], "AdvertiseGen/hl", "hard link"),
+    "chardev": ([_dev("AdvertiseGen/null", tarfile.CHRTYPE)], "AdvertiseGen/null", "character device"),
+    "blockdev": ([_dev("AdvertiseGen/sda", tarfile.BLKTYPE)], "AdvertiseGen/sda", "block device"),
+    "fifo": ([special("AdvertiseGen/pipe", tarfile.FIFOTYPE)], "AdvertiseGen/pipe", "fifo"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+def test_unsafe_archive_refused_whole(tmp_path, case):
+    extra, member, why = UNSAFE[case]
+    data = make_tar(good_members() + extra)
+    with pytest.raises(PipelineError) as e:
+        run_file(tmp_path, data)
+    msg = str(e.value)
+    assert repr(member) in msg and why in msg, msg
+    assert not (tmp_path / "data" / "AdvertiseGen").exists()
+    assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []  # no temp dir left
+    assert not (tmp_path.parent / "evil.json").exists() and not Path("/tmp/evil.json").exists()
+
+
+@pytest.mark.parametrize("case", ["symlink_chain", "hardlink_out", "fifo"])
+def test_own_checks_work_without_stdlib_data_filter(tmp_path, monkeypatch, case):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)  # as on Python 3.9.0-3.9.16
+    run_file(tmp_path / "good", make_tar(good_members()))
+    assert (tmp_path / "good" / "data" / "AdvertiseGen" / "train.json").is_file()
+    extra, member, _ = UNSAFE[case]
+    with pytest.raises(PipelineError, match=re.escape(repr(member))):
+        run_file(tmp_path, make_tar(good_members() + extra))
+    assert not (tmp_path / "data" / "AdvertiseGen").exists()
+
+
+def test_links_inside_are_allowed(tmp_path):
+    extra = [special("AdvertiseGen/train-link.json", tarfile.SYMTYPE, "train.json"),
+             special("AdvertiseGen/dev-copy.json", tarfile.LNKTYPE, "AdvertiseGen/dev.json")]
+    run_file(tmp_path, make_tar(good_members() + extra))
+    out = tmp_path / "data" / "AdvertiseGen"
+    assert (out / "train-link.json").read_bytes() == GOOD_FILES["train.json"]
+    assert (out / "dev-copy.json").read_bytes() == GOOD_FILES["dev.json"]
+
+
+def test_refusal_keeps_previous_out_dir(tmp_path):
+    run_file(tmp_path, make_tar(good_members()))
+    bad = make_tar(good_members() + [special("AdvertiseGen/pipe", tarfile.FIFOTYPE)])
+    with pytest.raises(PipelineError):
+        run_file(tmp_path, bad)
+    assert (tmp_path / "data" / "AdvertiseGen" / "train.json").read_bytes() == GOOD_FILES["train.json"]
+
+
+@pytest.mark.parametrize("cut", [10, 300, "half"])
+def test_truncated_archive_refused(tmp_path, cut):
+    data = make_tar(good_members() + [(tarfile.TarInfo("AdvertiseGen/pad.bin"), os.urandom(20_000))])
+    data = data[: len(data) // 2] if cut == "half" else data[:-cut]
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        run_file(tmp_path, data)  # the sha256 of the cut bytes: only the archive check can catch it
+    assert not (tmp_path / "data" / "AdvertiseGen").exists()
+    assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []
+
+
+def test_not_an_archive_refused(tmp_path):
+    with pytest.raises(PipelineError, match="truncated or corrupt"):
+        run_file(tmp_path, b"<html>not found</html>")
+
+
+def test_missing_dev_json_refused(tmp_path):
+    data = make_tar([(tarfile.TarInfo("AdvertiseGen/train.json"), GOOD_FILES["train.json"])])
+    with pytest.raises(PipelineError, match="no dev.json"):
+        run_file(tmp_path, data)
+    assert not (tmp_path / "data" / "AdvertiseGen").exists()
+
+
+# --- the shipped sample ----------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "assets" / "AdvertiseGen-sample.tar.gz"
+
+
+def test_shipped_sample_downloads_and_prepares(tmp_path, monkeypatch):
+    from llamapipe.stages import prepare_data
+
+    monkeypatch.chdir(ROOT)  # the config's form: a file: url relative to the project
+    expected = hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+    summary = download.run("file:assets/AdvertiseGen-sample.tar.gz", expected,
+                           str(tmp_path / "data" / "AdvertiseGen"), str(tmp_path / "cache"))
+    assert summary["files"] == ["dev.json", "train.json"]
+    report = prepare_data.run(str(tmp_path / "data" / "AdvertiseGen"), str(tmp_path / "results" / "data"))
+    assert report["splits"]["train"]["written"] == 480 and report["splits"]["train"]["skipped"] == 0
+    assert report["splits"]["dev"]["written"] == 60 and report["splits"]["dev"]["skipped"] == 0
+    with open(tmp_path / "results" / "data" / "train.json", encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    assert first["src"].startswith("类型#") and 40 <= len(first["tgt"]) <= 100
+
+
+def test_sample_generator_is_reproducible(tmp_path):
+    import runpy
+
+    gen = runpy.run_path(str(ROOT / "tools" / "make_sample_data.py"))
+    assert gen["main"](["--out", str(tmp_path / "s.tar.gz")]) == 0
+    fresh, shipped = (tmp_path / "s.tar.gz").read_bytes(), SAMPLE.read_bytes()
+    # Same tar bytes and gzip header (no mtime); the deflate stream itself may differ with another
+    # zlib build, so whole-file equality is only required where the archive was made.
+    assert gzip.decompress(fresh) == gzip.decompress(shipped)
+    assert fresh[:10] == shipped[:10] and fresh[4:8] == b"\0\0\0\0"
