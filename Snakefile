@@ -18,4 +18,4 @@ include: "workflow/rules/serve.smk"
 rule all:
     default_target: True
     input:
-        all_outputs(),
+        default_targets(),

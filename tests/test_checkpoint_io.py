@@ -168,3 +168,18 @@ def test_fix_config_applies_guide_fields_and_keeps_shape(tiny):
                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta"):
         assert fixed[key] == original[key], key
     assert set(original) <= set(fixed)
+
+
+def test_missing_directory_and_missing_shard_are_named(tmp_path):
+    import json
+
+    from llamapipe.checkpoint_io import load_state_dict
+    from llamapipe.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="does not exist"):
+        load_state_dict(str(tmp_path / "nope"))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(PipelineError, match="model-00001-of-00002.safetensors"):
+        load_state_dict(str(tmp_path))

@@ -58,6 +58,8 @@ def _load_indexed(index_file: Path, loader: Callable[[Path], dict[str, np.ndarra
     weight_map = json.loads(index_file.read_text())["weight_map"]
     state: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
+        if not (index_file.parent / shard).is_file():
+            raise PipelineError(f"{index_file} names shard {shard}, which is not in {index_file.parent}")
         state.update(loader(index_file.parent / shard))
     missing = set(weight_map) - set(state)
     if missing:
@@ -82,6 +84,8 @@ def merge_tensor_parallel(shards: list[dict[str, np.ndarray]], config: dict[str,
 def load_state_dict(ckpt: str) -> dict[str, np.ndarray]:
     """Read the model weights of a checkpoint directory in any supported layout."""
     d = Path(ckpt)
+    if not d.is_dir():
+        raise PipelineError(f"checkpoint directory {ckpt} does not exist")
     tp = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := TP_SHARD.match(p.name)))
     if tp:
         config = json.loads((d / "config.json").read_text())

@@ -1,0 +1,209 @@
+"""The whole CPU DAG for real: tiny LLaMA trained with Paddle, exported, served, scored.
+
+One module-scoped run of the default config (the users' own command) feeds most checks; a
+second fresh run checks determinism, a third kills sft mid-run and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, SNAKEMAKE, copy_project, planned_jobs, snakemake
+
+pytestmark = pytest.mark.e2e
+
+CLI = [PYTHON, "-m", "llamapipe"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The default pipeline run exactly as users type it, then asked for the metrics too."""
+    project = copy_project(tmp_path_factory.mktemp("run") / "project")
+    snakemake(project, "--cores", "8", "results/predictions.json")
+    snakemake(project, "--cores", "2", "results/metrics.json")
+    return project
+
+
+def _json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_contract_outputs_exist(finished_run):
+    r = finished_run / "results"
+    for path in ("preflight.json", "data/train.json", "data/dev.json", "model/base/config.json",
+                 "sft/train_log.jsonl", "merged/model_state.pdparams", "merged/config.json",
+                 "inference/model.json", "inference/model.pdiparams", "predictions.json", "metrics.json"):
+        assert (r / path).exists(), path
+    for rule in ("preflight", "download_data", "prepare_data", "init_model", "sft", "merge", "export",
+                 "predict", "evaluate"):
+        assert (r / "logs" / f"{rule}.log").exists() and (r / "benchmarks" / f"{rule}.tsv").exists(), rule
+
+
+def test_predictions_cover_dev_set_with_src_tgt_prediction(finished_run):
+    preds = _json(finished_run / "results/predictions.json")
+    dev = (finished_run / "results/data/dev.json").read_text(encoding="utf-8").splitlines()
+    assert len(preds) == len(dev) > 0
+    assert all(set(p) == {"src", "tgt", "prediction"} for p in preds)
+    assert [p["src"] for p in preds] == [json.loads(line)["src"] for line in dev]
+    assert sum(1 for p in preds if p["prediction"].strip()) >= 0.9 * len(preds)
+
+
+def test_training_loss_drops(finished_run):
+    log = [json.loads(line) for line in (finished_run / "results/sft/train_log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    config = _json(finished_run / "results/sft/train_summary.json")
+    assert len(losses) == config["global_step"]  # one entry per step (logging_steps: 1)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_config_fixup_applied_to_merged_model(finished_run):
+    cfg = _json(finished_run / "results/merged/config.json")
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
+    assert cfg["use_cache"] is False
+
+
+def test_trained_model_beats_the_untrained_one(finished_run, tmp_path):
+    """Same export/predict/evaluate code on the untrained base model gives lower metrics."""
+    r = finished_run / "results"
+    steps = [
+        ["merge", "--params", '{"dtype": "float32"}', "--sft", str(r / "model/base"), "--base",
+         str(r / "model/base"), "--out", str(tmp_path / "merged")],
+        ["export", "--params", json.dumps({"dtype": "float32", "src_length": 48, "max_new_tokens": 96}),
+         "--merged", str(tmp_path / "merged"), "--out", str(tmp_path / "inference")],
+        ["predict", "--params", '{"batch_size": 8, "max_new_tokens": 96}', "--threads", "2", "--inference",
+         str(tmp_path / "inference"), "--dev", str(r / "data/dev.json"), "--out", str(tmp_path / "p.json")],
+        ["evaluate", "--predictions", str(tmp_path / "p.json"), "--out", str(tmp_path / "m.json")],
+    ]
+    for step in steps:
+        proc = subprocess.run([*CLI, *step], cwd=finished_run, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    untrained, trained = _json(tmp_path / "m.json"), _json(r / "metrics.json")
+    untrained_preds = [p["prediction"] for p in _json(tmp_path / "p.json")]
+    trained_preds = [p["prediction"] for p in _json(r / "predictions.json")]
+    assert untrained_preds != trained_preds
+    for key in ("bleu-4", "rouge-1", "rouge-l"):
+        assert trained[key] > untrained[key] + 5, (key, trained, untrained)
+
+
+def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run):
+    """Guards the two upstream bugs (SOT to_static, inplace_pass + oneDNN): exact token equality."""
+    import paddle
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from llamapipe.stages.predict import StaticGreedyPredictor, read_records
+    from llamapipe.tokenizer_io import left_padded_batch
+
+    r = finished_run / "results"
+    srcs = [rec["src"] for rec in read_records(str(r / "data/dev.json"))[:6]]
+    srcs[1] = srcs[1][:6]  # very different lengths: real left padding in the batch
+    predictor = StaticGreedyPredictor(str(r / "inference"), threads=2)
+    static_ids = predictor.generate_ids(srcs, 40)
+
+    model = AutoModelForCausalLM.from_pretrained(str(r / "merged"))
+    model.eval()
+    feeds = {k: paddle.to_tensor(v) for k, v in left_padded_batch(predictor.tok, srcs, 48).items()}
+    assert int(feeds["attention_mask"].sum()) < feeds["attention_mask"].size  # padding present
+    dyn_ids, _ = model.generate(**feeds, max_new_tokens=40, decode_strategy="greedy_search",
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert static_ids.tolist() == dyn_ids.numpy().tolist()
+
+
+def test_forcerun_export_redoes_export_and_predict_only(finished_run):
+    # exactly as users type it (argparse gives both words to --forcerun; the default target remains)
+    assert planned_jobs(finished_run, "--forcerun", "export", "results/predictions.json") == {"export", "predict"}
+    assert planned_jobs(finished_run, "results/predictions.json", "--forcerun", "export") == {"export", "predict"}
+
+
+def test_missing_merged_redoes_merge_and_what_follows(finished_run, tmp_path):
+    import shutil
+
+    moved = tmp_path / "merged"
+    shutil.move(str(finished_run / "results/merged"), moved)
+    try:
+        assert planned_jobs(finished_run, "results/metrics.json") == {"merge", "export", "predict", "evaluate"}
+    finally:
+        shutil.move(str(moved), str(finished_run / "results/merged"))
+    assert planned_jobs(finished_run, "results/metrics.json") == set()
+
+
+def test_forcerun_export_for_real_keeps_training_untouched(finished_run):
+    sft_mtime = (finished_run / "results/sft/train_summary.json").stat().st_mtime
+    before = _json(finished_run / "results/predictions.json")
+    snakemake(finished_run, "--cores", "2", "--forcerun", "export", "results/predictions.json")
+    assert (finished_run / "results/sft/train_summary.json").stat().st_mtime == sft_mtime
+    assert _json(finished_run / "results/predictions.json") == before
+
+
+def test_same_seed_same_machine_gives_identical_predictions(finished_run, tmp_path):
+    again = copy_project(tmp_path / "again")
+    snakemake(again, "--cores", "2", "results/predictions.json")
+    assert (again / "results/predictions.json").read_bytes() == (
+        finished_run / "results/predictions.json"
+    ).read_bytes()
+
+
+def _stage_pids(workdir: Path, stage: str):
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if b"llamapipe" in b" ".join(cmd) and stage.encode() in cmd and cwd == str(workdir):
+            yield int(proc.name)
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
+    project = copy_project(tmp_path / "resume")
+    (project / "overlay.yaml").write_text("sft:\n  max_steps: 400\n  save_steps: 50\n")
+    args = ["results/sft", "--cores", "2", "--configfile", "overlay.yaml"]  # targets first: --configfile is greedy
+    runner = subprocess.Popen([*SNAKEMAKE, *args], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpts = project / "results/checkpoints/sft"
+    deadline = time.time() + 600
+    while not (ckpts / "checkpoint-100").exists():
+        assert runner.poll() is None, runner.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    pids = list(_stage_pids(project, "sft"))
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # a crash, not a clean stop
+    runner.wait(timeout=120)
+    assert runner.returncode != 0
+    assert not (project / "results/sft").exists()  # failed job's output removed by Snakemake
+    assert any(ckpts.glob("checkpoint-*"))  # ...but the checkpoints survived
+
+    snakemake(project, *args)
+    summary = _json(project / "results/sft/train_summary.json")
+    assert summary["global_step"] == 400
+    assert summary["resumed_from"] and int(summary["resumed_from"].rsplit("-", 1)[1]) >= 100
+    assert summary["steps_this_run"] < 400
+    steps = [json.loads(x)["step"] for x in (project / "results/sft/train_log.jsonl").read_text().splitlines()]
+    loss_steps = steps[:-1]  # the last entry is the end-of-training summary
+    assert loss_steps == list(range(1, 401))  # log cut back to the checkpoint, no duplicates or gaps
+
+
+def test_lora_switch_trains_adapters_and_merge_folds_them(tmp_path):
+    project = copy_project(tmp_path / "lora")
+    (project / "lora.yaml").write_text(
+        "sft:\n  lora: true\n  max_steps: 30\n  learning_rate: 1.0e-2\npredict:\n  limit: 8\n"
+    )
+    snakemake(project, "results/metrics.json", "--cores", "2", "--configfile", "lora.yaml")
+    sft = project / "results/sft"
+    assert (sft / "lora_config.json").exists() and (sft / "lora_model_state.pdparams").exists()
+    assert not (sft / "model_state.pdparams").exists()  # adapters only, not a full model
+    summary = _json(sft / "train_summary.json")
+    assert summary["mode"] == "lora" and summary["final_loss"] < summary["first_loss"]
+    assert _json(project / "results/merged/merge_summary.json")["source"] == "lora"
+    assert len(_json(project / "results/predictions.json")) == 8
