@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+# What a saved LLaMA tokenizer consists of; stages that pass a model along copy these.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model", "tokenizer.model")
+
 Text = Union[str, list[str]]
 
 
@@ -67,3 +70,12 @@ def decode_generated(tok: Any, ids: Any, eos_token_id: int) -> str:
     if eos_token_id in ids:
         ids = ids[: ids.index(eos_token_id)]
     return tok.decode(ids, skip_special_tokens=True)
+
+
+def copy_tokenizer_files(src_dir: Any, dst_dir: Any) -> None:
+    import shutil
+    from pathlib import Path
+
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).exists():
+            shutil.copyfile(Path(src_dir) / name, Path(dst_dir) / name)

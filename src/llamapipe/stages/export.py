@@ -9,17 +9,15 @@ input spec decodes exactly what dygraph greedy ``generate`` does (tested).
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
 from llamapipe.atomic import atomic_dir, write_json
+from llamapipe.tokenizer_io import copy_tokenizer_files
 
 log = logging.getLogger("llamapipe.export")
 
 MODEL_PREFIX = "model"  # -> model.json + model.pdiparams
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids", "max_new_tokens", "top_k"]
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model", "tokenizer.model")
 
 
 def greedy_decoder(model: Any, pad_token_id: int, eos_token_id: int) -> Any:
@@ -66,9 +64,7 @@ def run(params: dict[str, Any], merged_dir: str, out_dir: str) -> dict[str, Any]
     static = paddle.jit.to_static(decoder, input_spec=input_spec(), full_graph=True)
     with atomic_dir(out_dir) as tmp:
         paddle.jit.save(static, str(tmp / MODEL_PREFIX))
-        for name in TOKENIZER_FILES:
-            if (Path(merged_dir) / name).exists():
-                shutil.copyfile(Path(merged_dir) / name, tmp / name)
+        copy_tokenizer_files(merged_dir, tmp)
         # Lengths are baked into what predict may ask: keep predict consistent with export.
         export_config = {
             "model_prefix": MODEL_PREFIX,

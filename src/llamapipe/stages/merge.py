@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from llamapipe import checkpoint_io
 from llamapipe.atomic import atomic_dir, write_json
+from llamapipe.tokenizer_io import copy_tokenizer_files
 
 log = logging.getLogger("llamapipe.merge")
 
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model", "tokenizer.model")
 
 
 def merge_lora(base_dir: str, lora_dir: str) -> dict[str, Any]:
@@ -49,9 +48,7 @@ def run(params: dict[str, Any], sft_dir: str, base_dir: str, out_dir: str) -> di
     with atomic_dir(out_dir) as tmp:
         checkpoint_io.save_merged(state, tmp)
         write_json(tmp / "config.json", fixed)
-        for name in TOKENIZER_FILES:
-            if (sft / name).exists():
-                shutil.copyfile(sft / name, tmp / name)
+        copy_tokenizer_files(sft, tmp)
         summary = {
             "source": "lora" if is_lora else "full",
             "tensors": len(state),
