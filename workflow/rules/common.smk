@@ -5,6 +5,8 @@ import sys
 
 from snakemake.utils import validate
 
+from llamapipe.workflow_glue import install_gap_check
+
 
 envvars:
     "PATH",
@@ -72,9 +74,8 @@ def default_targets():
     return [PATHS["predictions"]]
 
 
-# Stage outputs in DAG order. Snakemake alone does not rebuild a deleted intermediate when the
-# outputs after it still exist; users expect "delete results/merged, ask for the metrics" to
-# redo merge and everything after it, so a broken chain is forced to rebuild from the gap.
+# Stage outputs in DAG order: a deleted intermediate is rebuilt with what follows it
+# (see llamapipe.workflow_glue for why Snakemake needs help here).
 STAGE_CHAIN = [
     PATHS["preflight"],
     f"{PATHS['raw_data']}/train.json",
@@ -86,42 +87,4 @@ STAGE_CHAIN = [
     PATHS["predictions"],
     PATHS["metrics"],
 ]
-
-
-def chain_gaps(requested):
-    """Missing chain outputs that lie before an existing output the request depends on."""
-    wanted = [i for i, p in enumerate(STAGE_CHAIN) if p in requested] or [
-        STAGE_CHAIN.index(PATHS["predictions"])
-    ]
-    last = max(wanted)
-    gaps = []
-    for i, path in enumerate(STAGE_CHAIN[:last]):
-        later_exist = any(os.path.exists(p) for p in STAGE_CHAIN[i + 1 : last + 1])
-        if not os.path.exists(path) and later_exist:
-            gaps.append(path)
-    return gaps[:1]  # rebuilding the first gap rebuilds everything after it
-
-
-def force_rebuild_from_gaps(settings):
-    if not os.path.exists(RESULTS):
-        return
-    gaps = chain_gaps({str(t).rstrip("/") for t in settings.targets})
-    if gaps:
-        logger.warning(
-            f"{gaps[0]} is missing while later outputs exist: rebuilding it and what follows"
-        )
-        settings.forcerun = frozenset(settings.forcerun) | set(gaps)
-
-
-def _execute_with_gap_check(execute):
-    # The DAG settings (targets, --forcerun) reach the workflow only after this file is parsed,
-    # so the check runs at the start of execution, before the DAG is built.
-    def wrapped(*args, **kwargs):
-        if workflow.dag_settings is not None:
-            force_rebuild_from_gaps(workflow.dag_settings)
-        return execute(*args, **kwargs)
-
-    return wrapped
-
-
-workflow.execute = _execute_with_gap_check(workflow.execute)
+install_gap_check(workflow, STAGE_CHAIN, default_target=PATHS["predictions"])

@@ -1,0 +1,48 @@
+"""Help Snakemake with one thing users expect: rebuilding from a deleted intermediate.
+
+Snakemake does not rebuild a missing intermediate output while the outputs after it exist
+(its needs-run logic starts from the requested targets). Users expect "delete results/merged,
+ask for the metrics" to redo merge and everything after it. At the start of execution we find
+the first missing output of the stage chain that lies before an existing one the request
+depends on, and add it to ``--forcerun``.
+
+The targets reach the workflow object only after the Snakefile is parsed, so the check wraps
+``workflow.execute``. It lives in a package module, not a .smk file, so Snakemake does not
+report its own job failures as happening "in" this code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable, List
+
+log = logging.getLogger("llamapipe.workflow")
+
+
+def chain_gaps(chain: List[str], requested: Iterable[str], default_target: str,
+               exists: Callable[[str], bool] = os.path.exists) -> List[str]:
+    """The first missing chain output that lies before an existing output the request needs."""
+    requested = {r.rstrip("/") for r in requested}
+    wanted = [i for i, path in enumerate(chain) if path in requested] or [chain.index(default_target)]
+    last = max(wanted)
+    for i, path in enumerate(chain[:last]):
+        if not exists(path) and any(exists(p) for p in chain[i + 1 : last + 1]):
+            return [path]
+    return []
+
+
+def install_gap_check(workflow: Any, chain: List[str], default_target: str) -> None:
+    execute = workflow.execute
+
+    def execute_after_gap_check(*args: Any, **kwargs: Any) -> Any:
+        settings = workflow.dag_settings
+        if settings is not None:
+            gaps = chain_gaps(chain, (str(t) for t in settings.targets), default_target)
+            if gaps:
+                print(f"{gaps[0]} is missing while later outputs exist: rebuilding it and what follows",
+                      flush=True)
+                settings.forcerun = frozenset(settings.forcerun) | set(gaps)
+        return execute(*args, **kwargs)
+
+    workflow.execute = execute_after_gap_check
