@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable, List
+from collections.abc import Iterable
+from typing import Any, Callable
 
 log = logging.getLogger("llamapipe.workflow")
 
 
-def chain_gaps(chain: List[str], requested: Iterable[str], default_target: str,
-               exists: Callable[[str], bool] = os.path.exists) -> List[str]:
+def chain_gaps(chain: list[str], requested: Iterable[str], default_target: str,
+               exists: Callable[[str], bool] = os.path.exists) -> list[str]:
     """The first missing chain output that lies before an existing output the request needs."""
     requested = {r.rstrip("/") for r in requested}
     wanted = [i for i, path in enumerate(chain) if path in requested] or [chain.index(default_target)]
@@ -32,7 +33,7 @@ def chain_gaps(chain: List[str], requested: Iterable[str], default_target: str,
     return []
 
 
-def install_gap_check(workflow: Any, chain: List[str], default_target: str) -> None:
+def install_gap_check(workflow: Any, chain: list[str], default_target: str) -> None:
     execute = workflow.execute
 
     def execute_after_gap_check(*args: Any, **kwargs: Any) -> Any:
