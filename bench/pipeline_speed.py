@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets", "envs")
+PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets", "envs", "Dockerfile.npu", ".dockerignore")
 QUICK_OVERLAY = "sft:\n  max_steps: 10\npredict:\n  limit: 4\n  max_new_tokens: 8\n"
 
 

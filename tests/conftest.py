@@ -15,7 +15,7 @@ PYTHON = sys.executable
 SNAKEMAKE = [PYTHON, "-m", "snakemake"]
 
 # What a fresh clone holds that a run needs (results/, data/ and .snakemake/ are left behind).
-PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets", "envs")
+PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets", "envs", "Dockerfile.npu", ".dockerignore")
 
 
 def copy_project(dest: Path) -> Path:

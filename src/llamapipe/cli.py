@@ -34,7 +34,31 @@ def _stage_preflight(a: argparse.Namespace) -> Any:
     return preflight.run(a.params, a.out)
 
 
-def _stage_download(a: argparse.Namespace) -> Any:
+def _pull_image(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import image
+
+    return image.pull(a.image, a.out)
+
+
+def _build_image(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import image
+
+    return image.build(a.dockerfile, a.tag, json.loads(a.build_args), a.out)
+
+
+def _collect_sft(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import collect
+
+    return collect.collect_sft(a.ckpt_dir, a.out)
+
+
+def _collect_predictions(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import collect
+
+    return collect.collect_predictions(a.upstream, a.dev, a.out)
+
+
+def _stage_download_data(a: argparse.Namespace) -> Any:
     from llamapipe.stages import download
 
     p = a.params
@@ -88,7 +112,7 @@ def _stage_evaluate(a: argparse.Namespace) -> Any:
 # name -> (handler, help, [(flag, help)]) ; every stage also takes --params/--threads/--seed.
 STAGES: dict[str, Any] = {
     "preflight": (_stage_preflight, "check the host and the Python stack", [("--out", "preflight.json")]),
-    "download": (_stage_download, "fetch, verify and safely extract the data archive",
+    "download-data": (_stage_download_data, "fetch, verify and safely extract the data archive",
                  [("--out", "extraction dir"), ("--cache-dir", "where the archive is kept")]),
     "prepare-data": (_stage_prepare_data, "validate src/tgt json lines and write the splits",
                      [("--src", "extracted data dir"), ("--out", "output dir")]),
@@ -108,6 +132,19 @@ STAGES: dict[str, Any] = {
 }
 
 
+# Helpers around the stages: (handler, help, [(flag, help)]) with no --params.
+TOOLS: dict[str, Any] = {
+    "pull-image": (_pull_image, "pull the pinned base image, record its digest",
+                   [("--image", "image reference"), ("--out", "base.json")]),
+    "build-image": (_build_image, "build Dockerfile.npu on the base image",
+                    [("--dockerfile", "Dockerfile"), ("--tag", "image tag"), ("--build-args", "JSON object"),
+                     ("--out", "npu.json")]),
+    "collect-sft": (_collect_sft, "upstream run_finetune.py output -> results/sft",
+                    [("--ckpt-dir", "upstream output_dir"), ("--out", "sft output")]),
+    "collect-predictions": (_collect_predictions, "upstream predictor.py output -> predictions.json",
+                            [("--upstream", "predictor output"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
+}
+
 PADDLENLP_STAGES = {"init-model", "sft", "merge", "export", "predict"}
 
 
@@ -122,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, flag_help in paths:
             p.add_argument(flag, required=True, help=flag_help)
         p.set_defaults(handler=handler)
+    for name, (handler, help_text, flags) in TOOLS.items():
+        p = sub.add_parser(name, help=help_text)
+        for flag, flag_help in flags:
+            p.add_argument(flag, required=True, help=flag_help)
+        p.set_defaults(handler=handler, threads=1)
+    from llamapipe.plan_cli import add_plan_parser
+    from llamapipe.runners.container import add_container_run_parser
+
+    add_plan_parser(sub)
+    add_container_run_parser(sub).set_defaults(threads=1)
     return parser
 
 
@@ -152,5 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as exc:
         log.error("%s failed: %s", args.stage, exc)
         sys.exit(2)
+    if args.stage == "container-run":  # the container's exit code is the command's
+        log.info("container exited with %s after %.1fs", result, time.time() - started)
+        sys.exit(result)
     log.info("%s finished in %.1fs: %s", args.stage, time.time() - started,
              json.dumps(result, ensure_ascii=False, default=str))

@@ -1,10 +1,15 @@
 # The one home of config validation, paths and stage parameters: no other file invents a path.
 import json
 import os
+import shlex
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from llamapipe.commands import build_ops_command, cards_for, stage_command
+from llamapipe.config import resolve as resolve_config
+from llamapipe.errors import PipelineError
 from llamapipe.workflow_glue import install_gap_check
 
 
@@ -13,10 +18,20 @@ envvars:
 
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+try:
+    # The target's overlays applied (npu.sft over sft, ...), then checked again as a whole.
+    CFG = resolve_config(config)
+except PipelineError as err:
+    raise WorkflowError(f"config: {err}")
+validate(CFG, schema="../schemas/config.schema.yaml")
+TARGET = CFG["target"]
 
 RESULTS = "results"
 PATHS = {
     "preflight": f"{RESULTS}/preflight.json",
+    "base_image": f"{RESULTS}/image/base.json",
+    "image": f"{RESULTS}/image/npu.json",
+    "wheels": f"{RESULTS}/wheels",
     "download_cache": "data/downloads",
     "raw_data": "data/AdvertiseGen",
     "data": f"{RESULTS}/data",
@@ -27,6 +42,7 @@ PATHS = {
     # Checkpoints live outside every rule's output: Snakemake deletes the outputs of a failed
     # job, and these are what a rerun resumes from.
     "sft_checkpoints": f"{RESULTS}/checkpoints/sft",
+    "sft_launch_logs": f"{RESULTS}/logs/sft_launch",
     "merged": f"{RESULTS}/merged",
     "inference": f"{RESULTS}/inference",
     "predictions": f"{RESULTS}/predictions.json",
@@ -38,6 +54,7 @@ os.environ["PATH"] = os.pathsep.join(
     [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
 )
 CONDA_ENV = "../../envs/conda-cpu.yaml"
+PROJECT_DIR = os.getcwd()
 
 
 def log_of(rule_name):
@@ -52,18 +69,79 @@ def stage_params(stage):
     """The config section a stage reads, as JSON; src_length is shared so export and predict
     agree with what sft trained on."""
     sections = {
-        "preflight": config["preflight"],
-        "download": {k: config["data"][k] for k in ("url", "sha256", "retries")},
-        "prepare_data": {
-            k: config["data"][k] for k in ("on_error", "max_train", "max_dev")
+        "preflight": {
+            **CFG["preflight"],
+            "target": TARGET,
+            "devices": CFG["devices"],
+            **(
+                {k: CFG["npu"][k] for k in ("ascend_root", "dev_root")}
+                if TARGET == "npu"
+                else {}
+            ),
         },
-        "init_model": config["model"],
-        "sft": config["sft"],
-        "merge": {"dtype": config["export"]["dtype"]},
-        "export": {**config["export"], "src_length": config["sft"]["src_length"]},
-        "predict": config["predict"],
+        "download_data": {k: CFG["data"][k] for k in ("url", "sha256", "retries")},
+        "prepare_data": {
+            k: CFG["data"][k] for k in ("on_error", "max_train", "max_dev")
+        },
+        "init_model": (
+            {"model_name_or_path": CFG["npu"]["model_name_or_path"]}
+            if TARGET == "npu"
+            else CFG["model"]
+        ),
+        "sft": CFG["sft"],
+        "merge": {"dtype": CFG["export"]["dtype"]},
+        "export": {**CFG["export"], "src_length": CFG["sft"]["src_length"]},
+        "predict": CFG["predict"],
+        "evaluate": {},
     }
     return json.dumps(sections[stage], sort_keys=True)
+
+
+def stage_cmd(rule_name, *args, threads=1):
+    """The rule's whole command: our CLI call, wrapped for the target and runtime."""
+    argv = [
+        "llamapipe",
+        rule_name.replace("_", "-"),
+        "--params",
+        stage_params(rule_name),
+    ]
+    argv += ["--seed", str(CFG["seed"]), "--threads", str(threads), *map(str, args)]
+    return stage_command(rule_name, CFG, PATHS, PROJECT_DIR, argv, threads=threads)
+
+
+def npu_cards(rule_name):
+    """resources: npu=<cards>, so `--resources npu=8` keeps two NPU jobs off the same cards."""
+    return len(cards_for(rule_name, CFG))
+
+
+def shell_join(*argv):
+    return shlex.join(map(str, argv))
+
+
+def npu_build_args():
+    """Dockerfile.npu build args: base image and the stack pinned together with it."""
+    image = CFG["npu"]["image"]
+    return {
+        "BASE_IMAGE": image["base"],
+        "PADDLE_VERSION": image["paddle_version"],
+        "PADDLE_CUSTOM_NPU_VERSION": image["paddle_custom_npu_version"],
+        "PADDLENLP_COMMIT": image["paddlenlp_commit"],
+        "PADDLENLP_REPO": image["paddlenlp_repo"],
+        "PADDLE_INDEX": image["paddle_index"],
+        "PADDLE_NPU_INDEX": image["paddle_npu_index"],
+    }
+
+
+def build_ops_cmd():
+    """paddlenlp_ops from the checkout's csrc/npu, built inside the image (the guide's step 6)."""
+    return build_ops_command(CFG, PATHS, PROJECT_DIR)
+
+
+def image_inputs(wheels=False):
+    """On npu every stage runs in the built image (and export/predict need the ops wheel)."""
+    if TARGET != "npu":
+        return []
+    return [PATHS["image"]] + ([PATHS["wheels"]] if wheels else [])
 
 
 def default_targets():

@@ -1,6 +1,7 @@
 rule download_data:
     input:
         PATHS["preflight"],
+        image_inputs(),
     output:
         train=f"{PATHS['raw_data']}/train.json",
         dev=f"{PATHS['raw_data']}/dev.json",
@@ -11,17 +12,21 @@ rule download_data:
     conda:
         CONDA_ENV
     params:
-        args=stage_params("download"),
-        out=lambda wildcards, output: os.path.dirname(output.train),
-        cache=PATHS["download_cache"],
+        cmd=stage_cmd(
+            "download_data",
+            "--out",
+            PATHS["raw_data"],
+            "--cache-dir",
+            PATHS["download_cache"],
+        ),
     shell:
-        "llamapipe download --params {params.args:q} --out {params.out} --cache-dir {params.cache}"
-        " > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
 
 
 rule prepare_data:
     input:
         rules.download_data.output,
+        image_inputs(),
     output:
         train=PATHS["train"],
         dev=PATHS["dev"],
@@ -33,9 +38,8 @@ rule prepare_data:
     conda:
         CONDA_ENV
     params:
-        args=stage_params("prepare_data"),
-        src=lambda wildcards, input: os.path.dirname(input[0]),
-        out=lambda wildcards, output: os.path.dirname(output.train),
+        cmd=stage_cmd(
+            "prepare_data", "--src", PATHS["raw_data"], "--out", PATHS["data"]
+        ),
     shell:
-        "llamapipe prepare-data --params {params.args:q} --src {params.src} --out {params.out}"
-        " > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"

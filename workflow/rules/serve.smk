@@ -1,6 +1,7 @@
 rule export:
     input:
         PATHS["merged"],
+        image_inputs(wheels=True),
     output:
         directory(PATHS["inference"]),
     log:
@@ -9,16 +10,21 @@ rule export:
         bench_of("export")
     conda:
         CONDA_ENV
+    resources:
+        npu=npu_cards("export"),
     params:
-        args=stage_params("export"),
+        cmd=stage_cmd(
+            "export", "--merged", PATHS["merged"], "--out", PATHS["inference"]
+        ),
     shell:
-        "llamapipe export --params {params.args:q} --merged {input} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
 
 
 rule predict:
     input:
-        inference=PATHS["inference"],
-        dev=PATHS["dev"],
+        PATHS["inference"],
+        PATHS["dev"],
+        image_inputs(wheels=True),
     output:
         PATHS["predictions"],
     log:
@@ -27,17 +33,28 @@ rule predict:
         bench_of("predict")
     conda:
         CONDA_ENV
-    threads: config["threads"]
+    threads: CFG["threads"]
+    resources:
+        npu=npu_cards("predict"),
     params:
-        args=stage_params("predict"),
+        cmd=stage_cmd(
+            "predict",
+            "--inference",
+            PATHS["inference"],
+            "--dev",
+            PATHS["dev"],
+            "--out",
+            PATHS["predictions"],
+            threads=CFG["threads"],
+        ),
     shell:
-        "llamapipe predict --params {params.args:q} --threads {threads} --inference {input.inference}"
-        " --dev {input.dev} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
 
 
 rule evaluate:
     input:
         PATHS["predictions"],
+        image_inputs(),
     output:
         PATHS["metrics"],
     log:
@@ -46,5 +63,13 @@ rule evaluate:
         bench_of("evaluate")
     conda:
         CONDA_ENV
+    params:
+        cmd=stage_cmd(
+            "evaluate",
+            "--predictions",
+            PATHS["predictions"],
+            "--out",
+            PATHS["metrics"],
+        ),
     shell:
-        "llamapipe evaluate --predictions {input} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"

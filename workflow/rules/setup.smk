@@ -8,6 +8,84 @@ rule preflight:
     conda:
         CONDA_ENV
     params:
-        args=stage_params("preflight"),
+        # host checks: never in a container (they check the host the containers need)
+        cmd=shell_join(
+            "llamapipe",
+            "preflight",
+            "--params",
+            stage_params("preflight"),
+            "--out",
+            PATHS["preflight"],
+        ),
     shell:
-        "llamapipe preflight --params {params.args:q} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
+
+
+rule pull_image:
+    input:
+        PATHS["preflight"],
+    output:
+        PATHS["base_image"],
+    log:
+        log_of("pull_image"),
+    benchmark:
+        bench_of("pull_image")
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join(
+            "llamapipe",
+            "pull-image",
+            "--image",
+            CFG["npu"]["image"]["base"],
+            "--out",
+            PATHS["base_image"],
+        ),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule build_image:
+    input:
+        base=PATHS["base_image"],
+        dockerfile="Dockerfile.npu",
+    output:
+        PATHS["image"],
+    log:
+        log_of("build_image"),
+    benchmark:
+        bench_of("build_image")
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join(
+            "llamapipe",
+            "build-image",
+            "--dockerfile",
+            "Dockerfile.npu",
+            "--tag",
+            CFG["npu"]["image"]["tag"],
+            "--build-args",
+            json.dumps(npu_build_args(), sort_keys=True),
+            "--out",
+            PATHS["image"],
+        ),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule build_ops:
+    input:
+        PATHS["image"],
+    output:
+        directory(PATHS["wheels"]),
+    log:
+        log_of("build_ops"),
+    benchmark:
+        bench_of("build_ops")
+    conda:
+        CONDA_ENV
+    params:
+        cmd=build_ops_cmd(),
+    shell:
+        "{params.cmd} > {log} 2>&1"

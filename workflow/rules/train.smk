@@ -1,6 +1,7 @@
 rule init_model:
     input:
-        train=PATHS["train"],
+        PATHS["train"],
+        image_inputs(),
     output:
         directory(PATHS["base_model"]),
     log:
@@ -9,19 +10,27 @@ rule init_model:
         bench_of("init_model")
     conda:
         CONDA_ENV
-    threads: config["threads"]
+    threads: CFG["threads"]
+    resources:
+        npu=npu_cards("init_model"),
     params:
-        args=stage_params("init_model"),
-        seed=config["seed"],
+        cmd=stage_cmd(
+            "init_model",
+            "--train",
+            PATHS["train"],
+            "--out",
+            PATHS["base_model"],
+            threads=CFG["threads"],
+        ),
     shell:
-        "llamapipe init-model --params {params.args:q} --seed {params.seed} --threads {threads}"
-        " --train {input.train} --out {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
 
 
 rule sft:
     input:
-        train=PATHS["train"],
-        base=PATHS["base_model"],
+        PATHS["train"],
+        PATHS["base_model"],
+        image_inputs(),
     output:
         directory(PATHS["sft"]),
     log:
@@ -30,21 +39,31 @@ rule sft:
         bench_of("sft")
     conda:
         CONDA_ENV
-    threads: config["threads"]
+    threads: CFG["threads"]
+    resources:
+        npu=npu_cards("sft"),
     params:
-        args=stage_params("sft"),
-        seed=config["seed"],
-        ckpt=PATHS["sft_checkpoints"],
+        cmd=stage_cmd(
+            "sft",
+            "--train",
+            PATHS["train"],
+            "--base",
+            PATHS["base_model"],
+            "--out",
+            PATHS["sft"],
+            "--ckpt-dir",
+            PATHS["sft_checkpoints"],
+            threads=CFG["threads"],
+        ),
     shell:
-        "llamapipe sft --params {params.args:q} --seed {params.seed} --threads {threads}"
-        " --train {input.train} --base {input.base} --out {output} --ckpt-dir {params.ckpt}"
-        " > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
 
 
 rule merge:
     input:
-        sft=PATHS["sft"],
-        base=PATHS["base_model"],
+        PATHS["sft"],
+        PATHS["base_model"],
+        image_inputs(),
     output:
         directory(PATHS["merged"]),
     log:
@@ -53,8 +72,17 @@ rule merge:
         bench_of("merge")
     conda:
         CONDA_ENV
+    resources:
+        npu=npu_cards("merge"),
     params:
-        args=stage_params("merge"),
+        cmd=stage_cmd(
+            "merge",
+            "--sft",
+            PATHS["sft"],
+            "--base",
+            PATHS["base_model"],
+            "--out",
+            PATHS["merged"],
+        ),
     shell:
-        "llamapipe merge --params {params.args:q} --sft {input.sft} --base {input.base}"
-        " --out {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"

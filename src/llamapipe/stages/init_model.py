@@ -19,6 +19,8 @@ from llamapipe.tokenizer_io import flatten
 
 log = logging.getLogger("llamapipe.init_model")
 
+BASE_MODEL_POINTER = "base_model.json"  # names the hub model whose weights are not stored here
+
 # LLaMA-2's conventions: pad/bos/eos/unk ids 0/1/2/3 (config.json fix-up of the guide relies on them).
 SPECIAL_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}
 

@@ -1,15 +1,20 @@
 """preflight: check the host before any heavy job and record what was found.
 
-On cpu: Python and the Paddle stack (versions as imported), cores, memory and free disk.
-A problem that would fail a later stage hours in fails here, with what is missing.
+cpu: Python and the Paddle stack (versions as imported), cores, memory, free disk.
+npu: Ascend 910 cards (``lspci`` device d802 and ``/dev/davinci*``), the cards asked for,
+driver and CANN versions, the container engine, free disk. Everything missing is listed at
+once, before an image pull or a training job can fail hours in.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import platform
+import re
 import shutil
+import subprocess
 from typing import Any
 
 from llamapipe.atomic import write_json
@@ -18,6 +23,7 @@ from llamapipe.errors import PipelineError
 log = logging.getLogger("llamapipe.preflight")
 
 STACK = ("paddle", "paddlenlp", "sentencepiece", "numpy")
+ASCEND_910_PCI_DEVICE = "d802"  # the guide: `lspci | grep d802`
 
 
 def package_versions(names=STACK) -> dict[str, Any]:
@@ -40,29 +46,115 @@ def memory_gib() -> float:
         return float("nan")
 
 
+def count_pci_npus(lspci: str = "lspci") -> int | None:
+    """Ascend 910 cards on the PCI bus; None when lspci is not available."""
+    try:
+        out = subprocess.run([lspci], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sum(1 for line in out.splitlines() if f"Device {ASCEND_910_PCI_DEVICE}" in line)
+
+
+def davinci_cards(dev_root: str) -> list[int]:
+    cards = []
+    for path in glob.glob(os.path.join(dev_root, "davinci*")):
+        m = re.fullmatch(r"davinci(\d+)", os.path.basename(path))
+        if m:
+            cards.append(int(m.group(1)))
+    return sorted(cards)
+
+
+def _read_version(path: str, key: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                name, _, value = line.strip().partition("=")
+                if name.strip().lower() == key.lower():
+                    return value.strip()
+    except OSError:
+        return None
+    return None
+
+
+def driver_version(ascend_root: str) -> str | None:
+    return _read_version(os.path.join(ascend_root, "driver", "version.info"), "Version")
+
+
+def cann_version(ascend_root: str) -> str | None:
+    """CANN toolkit version from the install info the toolkit writes (path varies by arch)."""
+    patterns = ["ascend-toolkit/latest/*/ascend_toolkit_install.info", "ascend-toolkit/latest/version.cfg",
+                "ascend-toolkit/latest/ascend_toolkit_install.info"]
+    for pattern in patterns:
+        for path in sorted(glob.glob(os.path.join(ascend_root, pattern))):
+            version = _read_version(path, "version") or _read_version(path, "toolkit_installed_version")
+            if version:
+                return version
+    return None
+
+
+def engine_version() -> tuple:
+    """(version, problem): the Docker engine every NPU stage runs in."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        return client.version().get("Version"), None
+    except Exception as exc:
+        where = os.environ.get("DOCKER_HOST", "the default socket")
+        return None, f"container engine not reachable at {where}: {exc}"
+
+
+def npu_checks(params: dict, report: dict, problems: list) -> None:
+    dev_root, ascend_root = params["dev_root"], params["ascend_root"]
+    wanted = [int(c) for c in params["devices"].split(",")]
+    pci = count_pci_npus(params.get("lspci", "lspci"))
+    nodes = davinci_cards(dev_root)
+    report.update({
+        "pci_ascend_910": pci, "davinci_cards": nodes, "cards_requested": wanted,
+        "driver_version": driver_version(ascend_root), "cann_version": cann_version(ascend_root),
+    })
+    if pci is None:
+        problems.append("lspci is not available: cannot count Ascend 910 cards (install pciutils)")
+    elif pci == 0:
+        problems.append(f"no Ascend 910 card on the PCI bus (`lspci | grep {ASCEND_910_PCI_DEVICE}` finds none)")
+    missing = [c for c in wanted if c not in nodes]
+    if missing:
+        problems.append(f"cards {missing} requested (devices) but {dev_root}/davinci{{N}} missing; found {nodes}")
+    for node in ("davinci_manager", "devmm_svm", "hisi_hdc"):
+        if not os.path.exists(os.path.join(dev_root, node)):
+            problems.append(f"{dev_root}/{node} missing: is the Ascend driver installed and loaded?")
+    if report["driver_version"] is None:
+        problems.append(f"no driver version at {ascend_root}/driver/version.info (the guide needs 23.0.3)")
+    if report["cann_version"] is None:
+        problems.append(f"no CANN toolkit under {ascend_root}/ascend-toolkit (the guide needs 8.0.RC1)")
+    version, problem = engine_version()
+    report["engine_version"] = version
+    if problem:
+        problems.append(problem)
+
+
 def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, Any]:
-    versions = package_versions()
+    target = params.get("target", "cpu")
     free_gib = shutil.disk_usage(workdir).free / 2**30
-    problems: list[str] = [f"Python package {k} does not import" for k, v in versions.items() if v is None]
-    if free_gib < params["min_free_disk_gb"]:
-        problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
-    expected = params.get("expected_versions") or {}
-    for name, want in expected.items():
-        if versions.get(name) not in (None, want):
-            problems.append(f"{name} {versions[name]} found, the pinned stack expects {want}")
-    report = {
-        "target": "cpu",
+    report: dict[str, Any] = {
+        "target": target,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "memory_gib": round(memory_gib(), 1),
         "free_disk_gib": round(free_gib, 1),
-        "versions": versions,
-        "problems": problems,
     }
-    for key in ("python", "cpu_count", "memory_gib", "free_disk_gib"):
-        log.info("%s: %s", key, report[key])
-    log.info("versions: %s", versions)
+    problems: list[str] = []
+    if free_gib < params["min_free_disk_gb"]:
+        problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
+    if target == "npu":
+        npu_checks(params, report, problems)  # the Paddle stack lives in the image, not on the host
+    else:
+        report["versions"] = package_versions()
+        problems += [f"Python package {k} does not import" for k, v in report["versions"].items() if v is None]
+    for key, value in report.items():
+        log.info("%s: %s", key, value)
+    report["problems"] = problems
     if problems:
         raise PipelineError("preflight failed:\n  - " + "\n  - ".join(problems))
     write_json(out_file, report)

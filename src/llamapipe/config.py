@@ -1,0 +1,97 @@
+"""Resolve the validated config.yaml into what the stages of the chosen target read.
+
+One config, two targets: ``target: npu`` overlays the ``npu.sft`` / ``npu.export`` /
+``npu.predict`` sections onto the shared ones, so a knob (``max_steps``, ``src_length``...)
+means the same thing on both targets, and the npu section holds what only the NPU run has
+(image, cards, parallel degrees, fused ops, environment).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from llamapipe.errors import PipelineError
+
+OVERLAID_SECTIONS = ("sft", "export", "predict")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def visible_cards(devices: str | None) -> list[int]:
+    return [int(d) for d in devices.split(",")] if devices else []
+
+
+def resolve(config: dict) -> dict:
+    """The effective config: the target's overlays applied, cross-field rules checked."""
+    cfg = copy.deepcopy(config)
+    target = cfg["target"]
+    if target == "npu":
+        npu = cfg["npu"]
+        for section in OVERLAID_SECTIONS:
+            cfg[section] = deep_merge(cfg[section], npu.get(section, {}))
+        if cfg.get("runtime", "local") == "local":
+            cfg["runtime"] = "container"  # the guide: every NPU stage runs in the paddle-npu container
+        if not cfg.get("devices"):
+            cfg["devices"] = npu["devices"]
+        cards = visible_cards(cfg["devices"])
+        par = npu["parallel"]
+        degrees = par["tensor_parallel_degree"] * par["pipeline_parallel_degree"] * par["sharding_parallel_degree"]
+        world = len(cards) * npu["nodes"]
+        if world % degrees:
+            raise PipelineError(
+                f"npu.parallel: tensor x pipeline x sharding = {degrees} does not divide the {world} cards "
+                f"(devices {cfg['devices']!r} x nodes {npu['nodes']})"
+            )
+    elif cfg.get("npu", {}).get("pretrain", {}).get("enabled"):
+        raise PipelineError("npu.pretrain.enabled needs target: npu (the cpu target fine-tunes only)")
+    if cfg["export"]["max_new_tokens"] < cfg["predict"]["max_new_tokens"]:
+        raise PipelineError(
+            f"predict.max_new_tokens ({cfg['predict']['max_new_tokens']}) exceeds export.max_new_tokens "
+            f"({cfg['export']['max_new_tokens']}): lengths are baked in at export"
+        )
+    return cfg
+
+
+def schema_path() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "..", "..", "workflow", "schemas", "config.schema.yaml")
+
+
+def load(path: str, schema: str | None = None) -> dict:
+    """config.yaml validated with defaults filled in, as Snakemake's ``validate`` does, then
+    resolved: for tools and tests that work without Snakemake."""
+    import jsonschema
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    with open(schema or schema_path(), encoding="utf-8") as f:
+        schema_doc = yaml.safe_load(f)
+    return resolve(validate_with_defaults(raw, schema_doc, jsonschema))
+
+
+def validate_with_defaults(config: dict, schema: dict, jsonschema: Any) -> dict:
+    base = jsonschema.Draft202012Validator
+
+    def set_defaults(validator, properties, instance, schema):
+        for name, sub in properties.items():
+            if isinstance(instance, dict) and "default" in sub and name not in instance:
+                instance[name] = copy.deepcopy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    filling = jsonschema.validators.extend(base, {"properties": set_defaults})
+    config = copy.deepcopy(config)
+    errors = sorted(filling(schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(map(str, errors[0].path)) or "(top level)"
+        raise PipelineError(f"config {where}: {errors[0].message}")
+    return config

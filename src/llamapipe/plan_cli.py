@@ -1,0 +1,147 @@
+"""``plan``: print the parallel-strategy table for a LLaMA on Ascend cards, optionally write plan.json.
+
+    python -m llamapipe.plan_cli --model meta-llama/Llama-2-13b --out results/plan.json
+    python -m llamapipe.plan_cli --model-config config.json --nodes 2 --tp 8
+
+Defaults are upstream's ``llama_npu_sft_N1C8.sh`` (see :class:`llamapipe.parallel_plan.TrainSetup`).
+The main CLI adds this as a subcommand with :func:`add_plan_parser`; bad input prints one line and
+exits 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from llamapipe.errors import PipelineError
+from llamapipe.parallel_plan import (
+    ASCEND_910B_MEMORY_GB,
+    DTYPES,
+    KNOWN_MODELS,
+    MC2_TP_OVERLAP,
+    ModelShape,
+    TrainSetup,
+    format_table,
+    plan,
+    to_json,
+)
+
+DEFAULT_MODEL = "meta-llama/Llama-2-13b"
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = TrainSetup()
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", metavar="NAME", default=None,
+                       help=f"a known model ({', '.join(KNOWN_MODELS)}); default {DEFAULT_MODEL}")
+    model.add_argument("--model-config", metavar="JSON", default=None,
+                       help="a model config.json (Hugging Face/PaddleNLP; other keys ignored) or a JSON "
+                            "object with exactly the six shape fields")
+    p.add_argument("--seq-length", type=int, default=defaults.seq_length, help="tokens per sample (max_length)")
+    p.add_argument("--micro-batch", type=int, default=defaults.micro_batch_size,
+                   help="per_device_train_batch_size")
+    p.add_argument("--grad-acc", type=int, default=defaults.gradient_accumulation_steps,
+                   help="gradient_accumulation_steps")
+    p.add_argument("--cards", "--cards-per-node", dest="cards", type=int, default=defaults.cards_per_node,
+                   help="cards per node (default %(default)s)")
+    p.add_argument("--nodes", type=int, default=defaults.nodes, help="nodes (default %(default)s)")
+    p.add_argument("--memory-gb", type=float, default=ASCEND_910B_MEMORY_GB,
+                   help="memory per card in GB (910B: %(default)s)")
+    p.add_argument("--sharding-stage", type=int, choices=(0, 1, 2, 3), default=defaults.sharding_stage,
+                   help="ZeRO stage of the sharding group (default %(default)s)")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=defaults.recompute,
+                   help="full activation recompute (upstream N1C8: off)")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
+                   default=defaults.sequence_parallel, help="sequence parallel (upstream: on)")
+    p.add_argument("--flash-attention", action=argparse.BooleanOptionalAction,
+                   default=defaults.flash_attention, help="flash attention (upstream: on)")
+    p.add_argument("--master-grad", action=argparse.BooleanOptionalAction, default=defaults.master_grad,
+                   help="amp_master_grad: fp32 gradients (upstream: on)")
+    p.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                   help="bf16/fp16 = AMP O2 with fp32 master weights; fp32 = plain fp32")
+    p.add_argument("--tp-overlap", type=float, default=MC2_TP_OVERLAP,
+                   help="share of tensor-parallel communication hidden (MC2: %(default)s)")
+    p.add_argument("--dp-overlap", type=float, default=defaults.dp_overlap,
+                   help="share of sharding/data-parallel communication hidden (default %(default)s)")
+    for degree in ("tp", "pp", "sharding", "dp"):
+        p.add_argument(f"--{degree}", type=int, default=None, help=f"pin the {degree} degree")
+    p.add_argument("--top", type=int, default=5, help="rows in the table (default %(default)s)")
+    p.add_argument("--out", metavar="PLAN_JSON", default=None, help="write the whole plan as JSON here")
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``plan`` subcommand to the main CLI's subparsers; its handler is :func:`run_plan`."""
+    p = subparsers.add_parser("plan", help="check tp x pp x sharding x dp layouts and estimate memory per card",
+                              description=__doc__.split("\n")[0])
+    _add_arguments(p)
+    # threads: the main CLI prepares the process with it before every handler
+    p.set_defaults(handler=run_plan, threads=1)
+    return p
+
+
+def _load_shape(args: argparse.Namespace) -> tuple[str, ModelShape]:
+    if args.model_config:
+        path = Path(args.model_config)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise PipelineError(f"--model-config {path}: cannot read: {exc.strerror or exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"--model-config {path}: not JSON: {exc}") from exc
+        if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+            return str(path), ModelShape.from_hf_config(data)
+        return str(path), ModelShape.from_dict(data)
+    name = args.model or DEFAULT_MODEL
+    if name not in KNOWN_MODELS:
+        raise PipelineError(f"--model {name!r} is not known (known: {', '.join(KNOWN_MODELS)}); "
+                            f"pass its config.json with --model-config")
+    return name, ModelShape.from_dict(KNOWN_MODELS[name])
+
+
+def run_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan, print the table to stdout, write ``--out``; returns a one-line summary.
+
+    Raises :class:`PipelineError` for bad input, for pinned degrees that cannot work, and (after
+    printing the table and writing ``--out``) when no layout fits."""
+    name, shape = _load_shape(args)
+    setup = TrainSetup(
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_acc, dtype=args.dtype, master_grad=args.master_grad,
+        recompute=args.recompute, sharding_stage=args.sharding_stage,
+        sequence_parallel=args.sequence_parallel, flash_attention=args.flash_attention,
+        cards_per_node=args.cards, nodes=args.nodes, memory_per_card_gb=args.memory_gb,
+        tp_overlap=args.tp_overlap, dp_overlap=args.dp_overlap)
+    fixed = {k: getattr(args, k) for k in ("tp", "pp", "sharding", "dp") if getattr(args, k) is not None}
+    if args.top < 0:
+        raise PipelineError(f"--top must be >= 0, got {args.top}")
+    result = plan(shape, setup, fixed, name=name)
+    print(format_table(result, top=args.top))
+    if args.out:
+        from llamapipe.atomic import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(to_json(result), encoding="utf-8")
+    if result.chosen is None:
+        raise PipelineError(f"{result.why}; try --recompute, a higher --sharding-stage, or more cards")
+    mem = result.chosen.memory
+    return {**result.chosen.layout.to_dict(), "total_gb": round(mem.total_gb, 1) if mem else None,
+            "out": args.out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.plan_cli", description=__doc__.split("\n")[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_plan(args)
+    except PipelineError as exc:
+        print(f"plan failed: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""target: npu without Ascend hardware: the DAG, the exact commands, and the config checks.
+
+The dry-run is what CI can check on a machine with no NPU and no engine; the command lines
+must carry the guide's N1C8 settings exactly as upstream's llama_npu_sft_N1C8.sh passes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+from conftest import copy_project, snakemake
+from llamapipe import commands, upstream_npu
+from llamapipe.config import resolve
+from llamapipe.errors import PipelineError
+
+NPU_RULES = ["preflight", "pull_image", "build_image", "build_ops", "download_data", "prepare_data",
+             "init_model", "sft", "merge", "export", "predict"]
+
+
+@pytest.fixture(scope="module")
+def npu_project(tmp_path_factory):
+    return copy_project(tmp_path_factory.mktemp("npu") / "project")
+
+
+def dry_run(project, *extra):
+    out = snakemake(project, "-n", "-p", "results/metrics.json", "--config", "target=npu", *extra).stdout
+    return out
+
+
+def shell_commands(out: str) -> dict:
+    """rule name -> its printed shell command (dry-run -p)."""
+    cmds, rule = {}, None
+    for block in re.split(r"\n(?=\[)", out):
+        m = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        c = re.search(r"^Shell command: (.*?)(?=\n\S|\Z)", block, re.M | re.S)
+        if m and c:
+            rule = m.group(1)
+            cmds[rule] = c.group(1)
+    return cmds
+
+
+def script_of(command: str) -> str:
+    """The bash -c script inside a container-run command, unquoted."""
+    argv = shlex.split(command.split(" > results/logs/")[0])
+    return argv[argv.index("-c") + 1]
+
+
+def rule_edges(project, *extra):
+    dot = snakemake(project, "results/metrics.json", "--rulegraph", "dot", "--config", "target=npu", *extra).stdout
+    names = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', dot, re.M))
+    return {(names[a], names[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}
+
+
+def test_npu_dry_run_plans_the_guides_whole_dag(npu_project):
+    cmds = shell_commands(dry_run(npu_project))
+    assert set(cmds) == set(NPU_RULES) | {"evaluate"}
+
+
+def test_npu_rule_order(npu_project):
+    edges = rule_edges(npu_project)
+    for edge in [("preflight", "pull_image"), ("pull_image", "build_image"), ("build_image", "build_ops"),
+                 ("build_ops", "export"), ("build_ops", "predict"), ("build_image", "sft"),
+                 ("prepare_data", "sft"), ("init_model", "sft"), ("sft", "merge"), ("merge", "export"),
+                 ("export", "predict"), ("predict", "evaluate")]:
+        assert edge in edges, edge
+
+
+def test_npu_sft_command_mirrors_upstream_n1c8(npu_project):
+    command = shell_commands(dry_run(npu_project))["sft"]
+    sft = script_of(command)
+    assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in sft
+    assert "cd /opt/PaddleNLP/llm" in sft
+    assert "python -u -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7" in sft
+    for flag in ["run_finetune.py", "--device npu", "--model_name_or_path meta-llama/Llama-2-13b",
+                 "--per_device_train_batch_size 2", "--gradient_accumulation_steps 64", "--max_steps 100",
+                 "--learning_rate 3e-06", "--warmup_steps 20", "--src_length 1024", "--max_length 4096",
+                 "--bf16 true", "--fp16_opt_level O2", "--amp_master_grad true", "--tensor_parallel_degree 8",
+                 "--pipeline_parallel_degree 1", "--sharding stage1", "--sequence_parallel true",
+                 "--use_flash_attention true", "--use_fused_rope true", "--use_fused_rms_norm true",
+                 "--fuse_attention_qkv true", "--fuse_attention_ffn true", "--pad_to_multiple_of 4096",
+                 "--save_steps 10", "--recompute false"]:
+        assert flag in sft, flag
+    assert "--sharding_parallel_config 'enable_stage1_tensor_fusion enable_stage1_overlap'" in sft
+    spec = json.loads(re.search(r"--spec '(\{.*?\})' --", command).group(1))
+    assert spec["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    for key, value in {"FLAGS_NPU_MC2": "1", "MC2_Recompute": "1", "FLAGS_npu_storage_format": "1",
+                       "FLAGS_use_stride_kernel": "0", "HCCL_OP_BASE_FFTS_MODE_ENABLE": "TRUE",
+                       "MULTI_STREAM_MEMORY_REUSE": "1", "FLAGS_allocator_strategy": "naive_best_fit"}.items():
+        assert spec["env"][key] == value
+    assert spec["devices"] == [f"/dev/davinci{i}" for i in range(8)] + [
+        "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"]
+    assert {m["target"]: m["read_only"] for m in spec["mounts"][1:]} == {
+        "/usr/local/Ascend/driver": True, "/usr/local/bin/npu-smi": True, "/usr/local/dcmi": True}
+    assert spec["privileged"] is False and spec["shm_size"] == "128g" and spec["network"] == "host"
+    assert "docker.sock" not in command
+    assert "kill" not in command  # upstream's `ps | grep run_finetune.py | kill -9` is never mirrored
+
+
+def test_npu_export_and_predict_commands(npu_project):
+    cmds = shell_commands(dry_run(npu_project))
+    export, predict = script_of(cmds["export"]), script_of(cmds["predict"])
+    assert "source /usr/local/Ascend/atb/set_env.sh" in export
+    assert "python predict/export_model.py" in export
+    for flag in ["--inference_model", "--block_attn", "--dtype float16", "--device npu", "--src_length 1024"]:
+        assert flag in export, flag
+    assert "python predict/predictor.py" in predict
+    for flag in ["--inference_model", "--block_attn", "--mode static", "--dtype float16", "--device npu",
+                 "--decode_strategy greedy_search", "--src_length 1024"]:
+        assert flag in predict, flag
+    assert "paddlenlp_ops" not in export or "pip install" in export
+    assert "collect-predictions" in predict
+    spec = json.loads(re.search(r"--spec '(\{.*?\})' --", cmds["predict"]).group(1))
+    assert spec["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "0"  # single-card inference
+
+
+def test_npu_resources_keep_jobs_off_the_same_cards(npu_project):
+    out = dry_run(npu_project)
+    blocks = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):.*?(?=\n\[|\Z)", out, re.S)}
+    assert "npu=8" in blocks["sft"]
+    assert "npu=1" in blocks["predict"]
+
+
+def test_devices_override_maps_cards(npu_project):
+    (npu_project / "tp4.yaml").write_text("npu:\n  parallel:\n    tensor_parallel_degree: 4\n")
+    sft = shell_commands(dry_run(npu_project, "devices=0,1,2,3", "--configfile", "tp4.yaml"))["sft"]
+    assert "--devices 0,1,2,3 " in sft
+    assert '"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"' in sft
+    assert "/dev/davinci4" not in sft
+
+
+def test_bad_npu_layout_stops_before_any_job(npu_project):
+    proc = snakemake(npu_project, "-n", "--config", "target=npu", "devices=0,1,2,3", check=False)
+    assert proc.returncode != 0
+    assert "does not divide" in proc.stdout + proc.stderr
+
+
+def _cfg(**npu_over):
+    """config.yaml with target npu (and npu.* overrides), defaults filled, not yet resolved."""
+    import jsonschema
+    import yaml
+
+    from conftest import ROOT
+    from llamapipe.config import validate_with_defaults
+
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["target"] = "npu"
+    for key, value in npu_over.items():
+        raw["npu"][key] = value
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    return validate_with_defaults(raw, schema, jsonschema)
+
+
+def test_lora_switch_uses_the_upstream_lora_arguments():
+    cfg = resolve(_cfg())
+    cfg["sft"]["lora"] = True
+    args = " ".join(upstream_npu.finetune_args(cfg, "/p/results/data", "/p/ckpt"))
+    assert "--lora true --lora_rank 32" in args
+    assert "--sharding " not in args  # llama_npu_lora_N1C8.sh trains without sharding
+
+
+def test_pretrain_switch_runs_run_pretrain():
+    cfg = resolve(_cfg(pretrain={"enabled": True, "input_dir": "data/pre", "split": "949,50,1"}))
+    cmd = commands.stage_command("sft", cfg, {"data": "results/data", "sft": "results/sft",
+                                              "sft_checkpoints": "results/checkpoints/sft",
+                                              "sft_launch_logs": "results/logs/sft_launch"}, "/p", ["llamapipe", "sft"])
+    assert "run_pretrain.py" in cmd and "--input_dir data/pre" in cmd and "--max_seq_length 4096" in cmd
+
+
+def test_multi_node_passes_nnodes_master_and_ips():
+    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2"))
+    argv = upstream_npu.launch_argv(cfg, "run_finetune.py", "logs")
+    assert shlex.join(argv).startswith(
+        "python -u -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 --log_dir logs --nnodes 2 "
+        "--master 10.0.0.1:8090 --ips 10.0.0.1,10.0.0.2 run_finetune.py")
+
+
+def test_predict_longer_than_export_is_refused():
+    raw = _cfg()
+    raw["npu"]["predict"]["max_new_tokens"] = 4096
+    with pytest.raises(PipelineError, match="baked in at export"):
+        resolve(raw)
+
+
+def test_cpu_container_runtime_wraps_our_cli():
+    import yaml
+
+    from conftest import ROOT
+
+    from llamapipe.config import load
+
+    cfg = load(str(ROOT / "config.yaml"))
+    cfg["runtime"] = "container"
+    cmd = commands.stage_command("predict", cfg, {}, "/proj", ["llamapipe", "predict", "--threads", "2"], threads=2)
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["llamapipe", "container-run", "--spec"]
+    assert argv[4:] == ["--", "python", "-m", "llamapipe", "predict", "--threads", "2"]
+    spec = json.loads(argv[3])
+    assert spec["image"] == "llamapipe-cpu:test" and spec["devices"] == [] and spec["network"] == "none"
+    assert spec["env"]["PYTHONPATH"] == "/proj/src" and spec["env"]["OMP_NUM_THREADS"] == "2"
