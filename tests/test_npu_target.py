@@ -93,7 +93,7 @@ def test_npu_sft_command_mirrors_upstream_n1c8(npu_project):
         assert spec["env"][key] == value
     assert spec["devices"] == [f"/dev/davinci{i}" for i in range(8)] + [
         "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"]
-    assert {m["target"]: m["read_only"] for m in spec["mounts"][1:]} == {
+    assert {m["target"]: m["read_only"] for m in spec["mounts"] if m["target"].startswith("/usr/local")} == {
         "/usr/local/Ascend/driver": True, "/usr/local/bin/npu-smi": True, "/usr/local/dcmi": True}
     assert spec["privileged"] is False and spec["shm_size"] == "128g" and spec["network"] == "host"
     assert "docker.sock" not in command
@@ -200,4 +200,5 @@ def test_cpu_container_runtime_wraps_our_cli():
     assert argv[4:] == ["--", "python", "-m", "llamapipe", "predict", "--threads", "2"]
     spec = json.loads(argv[3])
     assert spec["image"] == "llamapipe-cpu:test" and spec["devices"] == [] and spec["network"] == "none"
-    assert spec["env"]["PYTHONPATH"] == "/proj/src" and spec["env"]["OMP_NUM_THREADS"] == "2"
+    assert spec["env"]["PYTHONPATH"] == commands.package_src_dir() and spec["env"]["OMP_NUM_THREADS"] == "2"
+    assert {"source": commands.package_src_dir(), "target": commands.package_src_dir(), "read_only": True} in spec["mounts"]

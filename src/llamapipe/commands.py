@@ -17,6 +17,7 @@ from typing import Any
 
 from llamapipe import upstream_npu
 from llamapipe.config import visible_cards
+from llamapipe.runners.container import project_id
 
 # Stages whose upstream NPU entry point needs accelerator cards, and how many of the visible ones.
 NPU_CARDS = {"sft": "all", "merge": 1, "export": 1, "predict": 1, "init_model": 0}
@@ -35,9 +36,11 @@ def cards_for(stage: str, cfg: dict) -> list[int]:
 def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) -> dict:
     """What the container runner needs: image, devices, mounts, env, limits, labels."""
     project_dir = os.path.abspath(project_dir)
-    env = {"PYTHONPATH": os.path.join(project_dir, "src"), "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": str(threads)}
+    code = package_src_dir()
+    env = {"PYTHONPATH": code, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     mounts = [{"source": project_dir, "target": project_dir, "read_only": False}]
+    if not code.startswith(project_dir + os.sep):  # stage code installed elsewhere: mount it read-only
+        mounts.append({"source": code, "target": code, "read_only": True})
     devices: list[str] = []
     if cfg["target"] == "npu":
         npu = cfg["npu"]
@@ -60,10 +63,9 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) ->
     }
 
 
-def project_id(project_dir: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(os.path.abspath(project_dir).encode()).hexdigest()[:12]
+def package_src_dir() -> str:
+    """The directory that holds this package: stage code runs from it inside containers."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _containerized(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int) -> str:
