@@ -5,9 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: setup run test test-fast dry-run lint bench clean
+.PHONY: setup system-deps run test test-fast dry-run lint bench clean
 
 setup: $(VENV)/.installed
+
+# The container tests start their own Docker engine (Debian's docker.io) and build their base
+# image with debootstrap; installed here when missing (needs root, as on CI).
+system-deps:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    docker.io debootstrap pciutils >/dev/null; }
 
 $(VENV)/.installed: envs/requirements.txt envs/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +28,7 @@ run: setup
 dry-run: setup
 	$(BIN)/snakemake -n -p results/predictions.json
 
-test: setup
+test: setup system-deps
 	$(BIN)/pytest
 
 test-fast: setup

@@ -17,7 +17,7 @@ from llamapipe import commands, upstream_npu
 from llamapipe.config import resolve
 from llamapipe.errors import PipelineError
 
-NPU_RULES = ["preflight", "pull_image", "build_image", "build_ops", "download_data", "prepare_data",
+NPU_RULES = ["preflight", "plan", "pull_image", "build_image", "build_ops", "download_data", "prepare_data",
              "init_model", "sft", "merge", "export", "predict"]
 
 
@@ -125,7 +125,8 @@ def test_npu_resources_keep_jobs_off_the_same_cards(npu_project):
 
 
 def test_devices_override_maps_cards(npu_project):
-    (npu_project / "tp4.yaml").write_text("npu:\n  parallel:\n    tensor_parallel_degree: 4\n")
+    (npu_project / "tp4.yaml").write_text(  # 13b does not fit 4 cards; 7b does
+        "npu:\n  model_name_or_path: meta-llama/Llama-2-7b\n  parallel:\n    tensor_parallel_degree: 4\n")
     sft = shell_commands(dry_run(npu_project, "devices=0,1,2,3", "--configfile", "tp4.yaml"))["sft"]
     assert "--devices 0,1,2,3 " in sft
     assert '"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"' in sft
@@ -202,3 +203,33 @@ def test_cpu_container_runtime_wraps_our_cli():
     assert spec["image"] == "llamapipe-cpu:test" and spec["devices"] == [] and spec["network"] == "none"
     assert spec["env"]["PYTHONPATH"] == commands.package_src_dir() and spec["env"]["OMP_NUM_THREADS"] == "2"
     assert {"source": commands.package_src_dir(), "target": commands.package_src_dir(), "read_only": True} in spec["mounts"]
+
+
+def test_layout_that_cannot_fit_stops_before_any_job_with_the_numbers(npu_project):
+    (npu_project / "tp1.yaml").write_text(
+        "npu:\n  parallel:\n    tensor_parallel_degree: 1\n    sequence_parallel: false\n    sharding: ''\n")
+    proc = snakemake(npu_project, "-n", "--config", "target=npu", "--configfile", "tp1.yaml", check=False)
+    message = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "does not fit" in message and "GB per card" in message and "57.6 GB are usable" in message
+    assert not (npu_project / "results").exists()
+
+
+def test_parallel_auto_takes_the_planners_layout_and_writes_plan_json(npu_project):
+    (npu_project / "auto.yaml").write_text("npu:\n  parallel: auto\n")
+    args = ["--config", "target=npu", "--configfile", "auto.yaml"]
+    sft = script_of(shell_commands(snakemake(npu_project, "-n", "-p", "results/metrics.json", *args).stdout)["sft"])
+    assert "--tensor_parallel_degree 8" in sft and "--pipeline_parallel_degree 1" in sft
+    snakemake(npu_project, "results/plan.json", "--cores", "1", *args)  # pure computation: runs anywhere
+    plan = json.loads((npu_project / "results/plan.json").read_text())
+    assert (plan["chosen"]["tp"], plan["chosen"]["pp"]) == (8, 1)
+    assert any((c["tp"], c["pp"]) == (8, 1) for c in plan["fitting"])
+
+
+def test_multi_node_plan_covers_all_cards():
+    from llamapipe.parallel_config import apply_plan
+
+    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", parallel="auto"))
+    result = apply_plan(cfg)
+    assert result.setup.total_cards == 16
+    assert result.chosen.layout.world == 16

@@ -41,15 +41,18 @@ def resolve(config: dict) -> dict:
             cfg["runtime"] = "container"  # the guide: every NPU stage runs in the paddle-npu container
         if not cfg.get("devices"):
             cfg["devices"] = npu["devices"]
-        cards = visible_cards(cfg["devices"])
         par = npu["parallel"]
-        degrees = par["tensor_parallel_degree"] * par["pipeline_parallel_degree"] * par["sharding_parallel_degree"]
-        world = len(cards) * npu["nodes"]
-        if world % degrees:
-            raise PipelineError(
-                f"npu.parallel: tensor x pipeline x sharding = {degrees} does not divide the {world} cards "
-                f"(devices {cfg['devices']!r} x nodes {npu['nodes']})"
-            )
+        if isinstance(par, dict):
+            degrees = par["tensor_parallel_degree"] * par["pipeline_parallel_degree"] * par["sharding_parallel_degree"]
+            world = len(visible_cards(cfg["devices"])) * npu["nodes"]
+            if world % degrees:
+                raise PipelineError(
+                    f"npu.parallel: tensor x pipeline x sharding = {degrees} does not divide the {world} cards "
+                    f"(devices {cfg['devices']!r} x nodes {npu['nodes']})"
+                )
+        from llamapipe.parallel_config import apply_plan
+
+        apply_plan(cfg)  # layouts that cannot fit the cards stop here, with the numbers
     elif cfg.get("npu", {}).get("pretrain", {}).get("enabled"):
         raise PipelineError("npu.pretrain.enabled needs target: npu (the cpu target fine-tunes only)")
     if cfg["export"]["max_new_tokens"] < cfg["predict"]["max_new_tokens"]:

@@ -23,6 +23,7 @@ from llamapipe.parallel_plan import (
     KNOWN_MODELS,
     MC2_TP_OVERLAP,
     ModelShape,
+    PlanResult,
     TrainSetup,
     format_table,
     plan,
@@ -101,11 +102,8 @@ def _load_shape(args: argparse.Namespace) -> tuple[str, ModelShape]:
     return name, ModelShape.from_dict(KNOWN_MODELS[name])
 
 
-def run_plan(args: argparse.Namespace) -> dict[str, Any]:
-    """Plan, print the table to stdout, write ``--out``; returns a one-line summary.
-
-    Raises :class:`PipelineError` for bad input, for pinned degrees that cannot work, and (after
-    printing the table and writing ``--out``) when no layout fits."""
+def plan_from_args(args: argparse.Namespace) -> PlanResult:
+    """The plan the arguments describe (no printing): shared by the CLI and config validation."""
     name, shape = _load_shape(args)
     setup = TrainSetup(
         seq_length=args.seq_length, micro_batch_size=args.micro_batch,
@@ -115,9 +113,23 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
         cards_per_node=args.cards, nodes=args.nodes, memory_per_card_gb=args.memory_gb,
         tp_overlap=args.tp_overlap, dp_overlap=args.dp_overlap)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "sharding", "dp") if getattr(args, k) is not None}
+    return plan(shape, setup, fixed, name=name)
+
+
+def parse_plan_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llamapipe plan")
+    _add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def run_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan, print the table to stdout, write ``--out``; returns a one-line summary.
+
+    Raises :class:`PipelineError` for bad input, for pinned degrees that cannot work, and (after
+    printing the table and writing ``--out``) when no layout fits."""
     if args.top < 0:
         raise PipelineError(f"--top must be >= 0, got {args.top}")
-    result = plan(shape, setup, fixed, name=name)
+    result = plan_from_args(args)
     print(format_table(result, top=args.top))
     if args.out:
         from llamapipe.atomic import atomic_path

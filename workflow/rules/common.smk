@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from llamapipe.commands import build_ops_command, cards_for, stage_command
 from llamapipe.config import resolve as resolve_config
 from llamapipe.errors import PipelineError
+from llamapipe.parallel_config import plan_argv
 from llamapipe.workflow_glue import install_gap_check
 
 
@@ -30,6 +31,7 @@ RESULTS = "results"
 PATHS = {
     "preflight": f"{RESULTS}/preflight.json",
     "base_image": f"{RESULTS}/image/base.json",
+    "plan": f"{RESULTS}/plan.json",
     "image": f"{RESULTS}/image/npu.json",
     "wheels": f"{RESULTS}/wheels",
     "download_cache": "data/downloads",
@@ -135,6 +137,15 @@ def npu_build_args():
 def build_ops_cmd():
     """paddlenlp_ops from the checkout's csrc/npu, built inside the image (the guide's step 6)."""
     return build_ops_command(CFG, PATHS, PROJECT_DIR)
+
+
+def plan_args():
+    """`llamapipe plan` arguments: the configured layout, or the whole search for `auto`."""
+    return plan_argv(CFG, pin=isinstance(config["npu"]["parallel"], dict))
+
+
+def plan_inputs():
+    return [PATHS["plan"]] if TARGET == "npu" else []
 
 
 def image_inputs(wheels=False):

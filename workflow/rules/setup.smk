@@ -89,3 +89,19 @@ rule build_ops:
         cmd=build_ops_cmd(),
     shell:
         "{params.cmd} > {log} 2>&1"
+
+
+# Pure computation (no hardware): `snakemake results/plan.json --config target=npu` works anywhere.
+rule plan:
+    output:
+        PATHS["plan"],
+    log:
+        log_of("plan"),
+    benchmark:
+        bench_of("plan")
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join("llamapipe", "plan", *plan_args(), "--out", PATHS["plan"]),
+    shell:
+        "{params.cmd} > {log} 2>&1"

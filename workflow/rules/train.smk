@@ -31,6 +31,7 @@ rule sft:
         PATHS["train"],
         PATHS["base_model"],
         image_inputs(),
+        plan_inputs(),
     output:
         directory(PATHS["sft"]),
     log:
