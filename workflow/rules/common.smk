@@ -142,7 +142,10 @@ def build_ops_cmd():
 def plan_args():
     """`llamapipe plan` arguments: the configured layout, or the whole search for `auto`."""
     if TARGET != "npu":
-        return ["--model", CFG["npu"]["model_name_or_path"]]  # the plan rule is npu-only
+        return [
+            "--model",
+            CFG["npu"]["model_name_or_path"],
+        ]  # the plan rule is npu-only
     return plan_argv(CFG, pin=isinstance(config["npu"]["parallel"], dict))
 
 
