@@ -5,16 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: setup system-deps run test test-fast dry-run lint bench clean
+.PHONY: setup system-deps run test test-fast dry-run lint bench bench-setup clean
 
 setup: $(VENV)/.installed
 
 # The container tests start their own Docker engine (Debian's docker.io) and build their base
 # image with debootstrap; installed here when missing (needs root, as on CI).
 system-deps:
-	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v chromium >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    docker.io debootstrap pciutils >/dev/null; }
+	    docker.io debootstrap pciutils chromium >/dev/null; }
 
 $(VENV)/.installed: envs/requirements.txt envs/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,13 @@ $(VENV)/.installed: envs/requirements.txt envs/constraints.txt pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/snakemake --cores $(CORES) results/predictions.json results/metrics.json
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report results/report.html
 
 dry-run: setup
 	$(BIN)/snakemake -n -p results/predictions.json
 
-test: setup system-deps
+test: setup system-deps bench-setup
 	$(BIN)/pytest
 
 test-fast: setup
@@ -38,6 +39,20 @@ lint: setup
 	$(BIN)/ruff check src tests tools
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow
+
+# Benchmark-only packages (the PyTorch peer of bench/sft_throughput.py): torch's CPU build and a
+# transformers that fits the venv's tokenizers. The quick benchmarks in the tests need them.
+bench-setup: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: envs/bench-requirements.txt envs/constraints.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet -r envs/bench-requirements.txt -c envs/constraints.txt
+	$(BIN)/pip check
+	touch $@
+
+# Every benchmark (>= 5 runs each, ~25 min on 2 cores): a markdown table on stdout, the table and
+# each benchmark's JSON in results/bench/. `make bench BENCH_ARGS=--quick`: the 2-minute version.
+bench: setup bench-setup
+	$(BIN)/python bench/run_all.py --out-dir results/bench --markdown-out results/bench/table.md $(BENCH_ARGS)
 
 clean:
 	rm -rf results .snakemake

@@ -27,7 +27,8 @@ def finished_run(tmp_path_factory):
     """The default pipeline run exactly as users type it, then asked for the metrics too."""
     project = copy_project(tmp_path_factory.mktemp("run") / "project")
     snakemake(project, "--cores", "8", "results/predictions.json")
-    snakemake(project, "--cores", "2", "results/metrics.json")
+    snakemake(project, "--cores", "2")  # the default target: metrics, plots, tables, provenance
+    snakemake(project, "--report", "results/report.html")
     return project
 
 
@@ -117,6 +118,66 @@ def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run):
     assert static_ids.tolist() == dyn_ids.numpy().tolist()
 
 
+def test_provenance_and_stage_manifests(finished_run):
+    r = finished_run / "results"
+    prov = _json(r / "provenance.json")
+    assert prov["config"]["seed"] == prov["seed"] == 42 and len(prov["config_sha256"]) == 64
+    assert prov["data_archive"]["sha256"] == prov["config"]["data"]["sha256"]
+    assert set(prov["stages"]) >= {"download-data", "prepare-data", "init-model", "sft", "merge", "export",
+                                   "predict", "evaluate"}
+    sft = prov["stages"]["sft"]
+    assert sft["environment"]["paddlepaddle"] == "3.0.0" and sft["environment"]["paddlenlp"] == "3.0.0b4"
+    assert sft["started"] < sft["finished"]
+    merged = _json(r / "merged/manifest.json")  # every stage output directory carries its manifest
+    assert merged["inputs"]["results/sft"] == _json(r / "sft/manifest.json")["outputs"]["results/sft"]
+
+
+def test_compare_two_results_dirs(finished_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(finished_run / "results", other, ignore=shutil.ignore_patterns("checkpoints", "*.pdparams"))
+    prov = _json(other / "provenance.json")
+    prov["config"]["sft"]["learning_rate"] = 0.1
+    (other / "provenance.json").write_text(json.dumps(prov))
+    proc = subprocess.run([*CLI, "compare", "--results-a", str(finished_run / "results"), "--results-b", str(other)],
+                          capture_output=True, text=True, cwd=finished_run)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("sft.learning_rate" in line and "0.003" in line and "0.1" in line for line in lines)
+    assert any(line.split()[:2] == ["metric", "bleu-4"] for line in lines)
+
+
+def test_report_renders_loss_plot_and_metrics_table_in_a_real_browser(finished_run):
+    """Debian's chromium, headless, drives the Snakemake report like a person would."""
+    from playwright.sync_api import sync_playwright
+
+    report = (finished_run / "results/report.html").as_uri()
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+
+        def open_result(category, path):
+            page.goto(report)
+            page.get_by_text(category, exact=True).first.click()
+            page.get_by_text(path).first.locator("xpath=ancestor::tr").locator("a[iconname=eye]").click()
+
+        open_result("Training", "results/plots/loss.png")
+        page.wait_for_function("Array.from(document.images).some(i => i.src.includes('loss.png'))")
+        size = page.evaluate(
+            "Array.from(document.images).filter(i => i.src.includes('loss.png')).map(i => [i.naturalWidth, i.naturalHeight])[0]")
+        assert size[0] >= 400 and size[1] >= 200  # decoded and drawn, not a broken image
+
+        open_result("Evaluation", "results/report/metrics.html")
+        page.wait_for_function("document.querySelector('iframe') !== null")
+        table = next(f for f in page.frames if "metrics.html" in f.url).inner_text("table")
+        metrics = _json(finished_run / "results/metrics.json")
+        assert "bleu-4" in table and "rouge-l" in table and f"{metrics['bleu-4']}" in table
+        browser.close()
+
+
 def test_forcerun_export_redoes_export_and_predict_only(finished_run):
     # exactly as users type it (argparse gives both words to --forcerun; the default target remains)
     assert planned_jobs(finished_run, "--forcerun", "export", "results/predictions.json") == {"export", "predict"}
@@ -133,6 +194,14 @@ def test_missing_merged_redoes_merge_and_what_follows(finished_run, tmp_path):
     finally:
         shutil.move(str(moved), str(finished_run / "results/merged"))
     assert planned_jobs(finished_run, "results/metrics.json") == set()
+
+
+def test_bare_snakemake_builds_everything_the_report_needs(finished_run):
+    r = finished_run / "results"
+    for path in ("plots/loss.png", "plots/stage_times.png", "report/metrics.html", "report/predictions.html",
+                 "provenance.json", "report.html"):
+        assert (r / path).exists(), path
+    assert planned_jobs(finished_run) == set()
 
 
 def test_forcerun_export_for_real_keeps_training_untouched(finished_run):

@@ -25,3 +25,16 @@ def test_only_outputs_the_request_depends_on_count():
     # no known target requested: the default target decides
     assert chain_gaps(CHAIN, ["other"], "d", _exists({"a", "b", "d", "e"})) == ["c"]
     assert chain_gaps(CHAIN, ["d/"], "d", _exists({"a", "d"})) == ["b"]
+
+
+def test_paths_swallowed_by_forcerun_become_the_targets():
+    from llamapipe.workflow_glue import split_swallowed_targets
+
+    rules = ["export", "predict", "sft"]
+    assert split_swallowed_targets(["export", "results/predictions.json"], [], rules) == (
+        ["export"], ["results/predictions.json"])
+    # explicit targets, or only rules, or only paths: left exactly as given
+    assert split_swallowed_targets(["export"], ["results/predictions.json"], rules) == (
+        ["export"], ["results/predictions.json"])
+    assert split_swallowed_targets(["export", "sft"], [], rules) == (["export", "sft"], [])
+    assert split_swallowed_targets(["results/sft"], [], rules) == (["results/sft"], [])

@@ -132,6 +132,35 @@ STAGES: dict[str, Any] = {
 }
 
 
+def _plots(a: argparse.Namespace) -> Any:
+    from llamapipe import report
+
+    out = {"training": report.plot_training(a.train_log, f"{a.out}/loss.png")}
+    out["stage_seconds"] = report.plot_stage_times(a.benchmarks.split(","), f"{a.out}/stage_times.png")
+    return out
+
+
+def _tables(a: argparse.Namespace) -> Any:
+    from llamapipe import report
+
+    return report.write_tables(a.metrics, a.predictions, a.out)
+
+
+def _provenance(a: argparse.Namespace) -> Any:
+    from llamapipe import provenance
+
+    record = provenance.collect(a.manifests, json.loads(a.config), ".", a.images.split(",") if a.images else [], a.out)
+    return {"stages": sorted(record["stages"]), "git": record["git"]}
+
+
+def _compare(a: argparse.Namespace) -> Any:
+    from llamapipe import report
+
+    table = report.compare(a.results_a, a.results_b)
+    print(table.to_string(index=False))
+    return {"rows": len(table)}
+
+
 # Helpers around the stages: (handler, help, [(flag, help)]) with no --params.
 TOOLS: dict[str, Any] = {
     "pull-image": (_pull_image, "pull the pinned base image, record its digest",
@@ -141,6 +170,16 @@ TOOLS: dict[str, Any] = {
                      ("--out", "npu.json")]),
     "collect-sft": (_collect_sft, "upstream run_finetune.py output -> results/sft",
                     [("--ckpt-dir", "upstream output_dir"), ("--out", "sft output")]),
+    "plots": (_plots, "training loss / learning rate and per-stage time plots (PNG)",
+              [("--train-log", "train_log.jsonl"), ("--benchmarks", "comma-separated benchmark TSVs"),
+               ("--out", "plots dir")]),
+    "report-tables": (_tables, "metrics and prediction samples as HTML tables for the report",
+                      [("--metrics", "metrics.json"), ("--predictions", "predictions.json"), ("--out", "dir")]),
+    "provenance": (_provenance, "gather stage manifests, git state, config, images into one record",
+                   [("--manifests", "manifest dir"), ("--config", "resolved config JSON"),
+                    ("--images", "comma-separated image records (may be empty)"), ("--out", "provenance.json")]),
+    "compare": (_compare, "side-by-side config differences and metrics of two results dirs",
+                [("--results-a", "results dir"), ("--results-b", "results dir")]),
     "collect-predictions": (_collect_predictions, "upstream predictor.py output -> predictions.json",
                             [("--upstream", "predictor output"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
 }
@@ -156,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", type=_params, default={}, help="the stage's config section as JSON")
         p.add_argument("--threads", type=int, default=1, help="CPU threads (OMP/MKL) for this stage")
         p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--manifest", default=None, help="write the stage manifest (inputs' hashes, versions, times) here")
         for flag, flag_help in paths:
             p.add_argument(flag, required=True, help=flag_help)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, path_flags=[flag for flag, _ in paths])
     for name, (handler, help_text, flags) in TOOLS.items():
         p = sub.add_parser(name, help=help_text)
         for flag, flag_help in flags:
@@ -184,15 +224,18 @@ def _configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.time()  # stage time includes process start-up work (imports): it is real cost
     args = build_parser().parse_args(argv)
     _configure_logging()
+    from llamapipe.provenance import now
+
+    started_at = now()
     from llamapipe.paddle_env import prepare, quiet_paddlenlp
 
     prepare(args.threads)
     if args.stage in PADDLENLP_STAGES:
         quiet_paddlenlp()
     log = logging.getLogger("llamapipe")
-    started = time.time()
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
         result = handler(args)
@@ -202,5 +245,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "container-run":  # the container's exit code is the command's
         log.info("container exited with %s after %.1fs", result, time.time() - started)
         sys.exit(result)
+    if getattr(args, "path_flags", None):
+        _write_manifest(args, started_at)
     log.info("%s finished in %.1fs: %s", args.stage, time.time() - started,
              json.dumps(result, ensure_ascii=False, default=str))
+
+
+# Path flags that are neither inputs nor outputs of the stage (state and caches).
+NOT_INPUTS = {"out", "ckpt_dir", "cache_dir"}
+
+
+def _write_manifest(args: argparse.Namespace, started_at: str) -> None:
+    from llamapipe.provenance import write_stage_manifest
+
+    names = [flag.lstrip("-").replace("-", "_") for flag in args.path_flags]
+    inputs = {n: getattr(args, n) for n in names if n not in NOT_INPUTS}
+    write_stage_manifest(args.stage, inputs, [args.out], args.params, started_at, args.manifest)

@@ -9,6 +9,7 @@ means the same thing on both targets, and the npu section holds what only the NP
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from llamapipe.errors import PipelineError
 

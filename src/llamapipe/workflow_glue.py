@@ -1,4 +1,8 @@
-"""Help Snakemake with one thing users expect: rebuilding from a deleted intermediate.
+"""Help Snakemake with two things users expect, applied when execution starts.
+
+1. `--forcerun export results/predictions.json` redoes export and what follows for that
+   target (see ``split_swallowed_targets``).
+2. Rebuilding from a deleted intermediate:
 
 Snakemake does not rebuild a missing intermediate output while the outputs after it exist
 (its needs-run logic starts from the requested targets). Users expect "delete results/merged,
@@ -33,12 +37,31 @@ def chain_gaps(chain: list[str], requested: Iterable[str], default_target: str,
     return []
 
 
-def install_gap_check(workflow: Any, chain: list[str], default_target: str) -> None:
+def split_swallowed_targets(forcerun: Iterable[str], targets: Iterable[str], rule_names: Iterable[str]) -> tuple:
+    """``snakemake --forcerun export results/predictions.json``: argparse hands both words to
+    ``--forcerun`` (it takes several values) and leaves no target, so the default target would
+    be built. When no target was given and ``--forcerun`` holds rule names and paths, the paths
+    are what the user asked for: make them the targets."""
+    forcerun, targets, rules = list(forcerun), list(targets), set(rule_names)
+    named_rules = [f for f in forcerun if f in rules]
+    paths = [f for f in forcerun if f not in rules]
+    if targets or not named_rules or not paths:
+        return forcerun, targets
+    return named_rules, paths
+
+
+def install_execution_hooks(workflow: Any, chain: list[str], default_target: str) -> None:
     execute = workflow.execute
 
     def execute_after_gap_check(*args: Any, **kwargs: Any) -> Any:
         settings = workflow.dag_settings
         if settings is not None:
+            forcerun, targets = split_swallowed_targets(
+                settings.forcerun, settings.targets, (r.name for r in workflow.rules))
+            if list(targets) != list(settings.targets):
+                print(f"reading --forcerun {' '.join(sorted(settings.forcerun))} as --forcerun "
+                      f"{' '.join(forcerun)} with target(s) {' '.join(targets)}", flush=True)
+                settings.forcerun, settings.targets = frozenset(forcerun), frozenset(targets)
             gaps = chain_gaps(chain, (str(t) for t in settings.targets), default_target)
             if gaps:
                 print(f"{gaps[0]} is missing while later outputs exist: rebuilding it and what follows",

@@ -11,7 +11,7 @@ from llamapipe.commands import build_ops_command, cards_for, stage_command
 from llamapipe.config import resolve as resolve_config
 from llamapipe.errors import PipelineError
 from llamapipe.parallel_config import plan_argv
-from llamapipe.workflow_glue import install_gap_check
+from llamapipe.workflow_glue import install_execution_hooks
 
 
 envvars:
@@ -49,6 +49,9 @@ PATHS = {
     "inference": f"{RESULTS}/inference",
     "predictions": f"{RESULTS}/predictions.json",
     "metrics": f"{RESULTS}/metrics.json",
+    "plots": f"{RESULTS}/plots",
+    "report_tables": f"{RESULTS}/report",
+    "provenance": f"{RESULTS}/provenance.json",
 }
 # Rules call the package's `llamapipe` CLI; put the venv that runs Snakemake first on PATH so a
 # user need not activate it (`.venv/bin/snakemake ...` just works).
@@ -107,7 +110,8 @@ def stage_cmd(rule_name, *args, threads=1):
         "--params",
         stage_params(rule_name),
     ]
-    argv += ["--seed", str(CFG["seed"]), "--threads", str(threads), *map(str, args)]
+    argv += ["--seed", str(CFG["seed"]), "--threads", str(threads)]
+    argv += ["--manifest", f"{RESULTS}/manifests/{rule_name}.json", *map(str, args)]
     return stage_command(rule_name, CFG, PATHS, PROJECT_DIR, argv, threads=threads)
 
 
@@ -149,6 +153,26 @@ def plan_args():
     return plan_argv(CFG, pin=isinstance(config["npu"]["parallel"], dict))
 
 
+def stage_benchmarks():
+    """Benchmark files of the stages a run always has (for the per-stage time plot)."""
+    stages = [
+        "preflight",
+        "download_data",
+        "prepare_data",
+        "init_model",
+        "sft",
+        "merge",
+    ]
+    stages += ["export", "predict", "evaluate"]
+    if TARGET == "npu":
+        stages += ["pull_image", "build_image", "build_ops"]
+    return [bench_of(s) for s in stages]
+
+
+def image_records():
+    return [PATHS["base_image"], PATHS["image"]] if TARGET == "npu" else []
+
+
 def plan_inputs():
     return [PATHS["plan"]] if TARGET == "npu" else []
 
@@ -161,11 +185,16 @@ def image_inputs(wheels=False):
 
 
 def default_targets():
-    """What a bare `snakemake` builds: the predictions (the guide's end point). Metrics are
-    asked for by name (`make run` does), so `--forcerun export results/predictions.json` (whose
-    --forcerun swallows the file too, leaving the default target) redoes export and predict only.
-    """
-    return [PATHS["predictions"]]
+    """What a bare `snakemake` builds: predictions, metrics, and what the report shows."""
+    return [
+        PATHS["predictions"],
+        PATHS["metrics"],
+        f"{PATHS['plots']}/loss.png",
+        f"{PATHS['plots']}/stage_times.png",
+        f"{PATHS['report_tables']}/metrics.html",
+        f"{PATHS['report_tables']}/predictions.html",
+        PATHS["provenance"],
+    ]
 
 
 # Stage outputs in DAG order: a deleted intermediate is rebuilt with what follows it
@@ -181,4 +210,4 @@ STAGE_CHAIN = [
     PATHS["predictions"],
     PATHS["metrics"],
 ]
-install_gap_check(workflow, STAGE_CHAIN, default_target=PATHS["predictions"])
+install_execution_hooks(workflow, STAGE_CHAIN, default_target=PATHS["metrics"])

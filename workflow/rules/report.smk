@@ -1,0 +1,96 @@
+# What a person looks at: plots, tables and provenance, collected by `snakemake --report`.
+
+
+rule plots:
+    input:
+        train_log=f"{PATHS['sft']}/train_log.jsonl",
+        benchmarks=stage_benchmarks(),
+    output:
+        loss=report(
+            f"{PATHS['plots']}/loss.png",
+            caption="../report/loss.rst",
+            category="Training",
+        ),
+        times=report(
+            f"{PATHS['plots']}/stage_times.png",
+            caption="../report/stage_times.rst",
+            category="Run",
+        ),
+    log:
+        log_of("plots"),
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join(
+            "llamapipe",
+            "plots",
+            "--train-log",
+            f"{PATHS['sft']}/train_log.jsonl",
+            "--benchmarks",
+            ",".join(stage_benchmarks()),
+            "--out",
+            PATHS["plots"],
+        ),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule report_tables:
+    input:
+        metrics=PATHS["metrics"],
+        predictions=PATHS["predictions"],
+    output:
+        metrics=report(
+            f"{PATHS['report_tables']}/metrics.html",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+        ),
+        predictions=report(
+            f"{PATHS['report_tables']}/predictions.html",
+            caption="../report/predictions.rst",
+            category="Evaluation",
+        ),
+    log:
+        log_of("report_tables"),
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join(
+            "llamapipe",
+            "report-tables",
+            "--metrics",
+            PATHS["metrics"],
+            "--predictions",
+            PATHS["predictions"],
+            "--out",
+            PATHS["report_tables"],
+        ),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule provenance:
+    input:
+        PATHS["metrics"],
+        image_records(),
+    output:
+        report(PATHS["provenance"], caption="../report/provenance.rst", category="Run"),
+    log:
+        log_of("provenance"),
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join(
+            "llamapipe",
+            "provenance",
+            "--manifests",
+            f"{RESULTS}/manifests",
+            "--config",
+            json.dumps(CFG, sort_keys=True),
+            "--images",
+            ",".join(image_records()),
+            "--out",
+            PATHS["provenance"],
+        ),
+    shell:
+        "{params.cmd} > {log} 2>&1"
