@@ -187,10 +187,8 @@ def test_predict_longer_than_export_is_refused():
 
 
 def test_cpu_container_runtime_wraps_our_cli():
-    import yaml
 
     from conftest import ROOT
-
     from llamapipe.config import load
 
     cfg = load(str(ROOT / "config.yaml"))

@@ -1,0 +1,36 @@
+"""The whole CPU DAG with `runtime: container`: every stage in the llamapipe-cpu image on a real
+Docker engine (started by the tests), same predictions as the local runtime."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from conftest import copy_project, snakemake
+from docker_engine import base_image, cpu_image, docker_engine  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.container, pytest.mark.e2e]
+
+SMALL = "sft:\n  max_steps: 120\n  save_steps: 60\npredict:\n  limit: 12\n  max_new_tokens: 48\n"
+
+
+def test_cpu_dag_in_containers_gives_the_local_predictions(tmp_path, docker_engine, cpu_image):  # noqa: F811
+    local = copy_project(tmp_path / "local")
+    boxed = copy_project(tmp_path / "boxed")
+    for project in (local, boxed):
+        (project / "small.yaml").write_text(SMALL)
+    snakemake(local, "results/metrics.json", "--cores", "2", "--configfile", "small.yaml")
+    env = docker_engine.env()
+    snakemake(boxed, "results/metrics.json", "--cores", "2", "--configfile", "small.yaml",
+              "--config", "runtime=container", env=env)
+
+    log = (boxed / "results/logs/sft.log").read_text()
+    assert "container-run" not in log  # the log is the container's own output, streamed
+    assert "loss" in log
+    manifest = json.loads((boxed / "results/manifests/sft.json").read_text())
+    assert manifest["host"] != socket.gethostname()  # written inside the container
+    assert manifest["environment"]["paddlepaddle"] == "3.0.0"  # the image's pinned stack
+    assert (boxed / "results/predictions.json").read_bytes() == (local / "results/predictions.json").read_bytes()
+    assert not docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"})
