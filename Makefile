@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# Container tests keep their engine's images (and the debootstrap rootfs, the wheels) here, so
+# only the first run builds them (~4 min); delete the directory to rebuild from nothing.
+LLAMAPIPE_DOCKER_CACHE ?= $(HOME)/.cache/llamapipe-docker
+export LLAMAPIPE_DOCKER_CACHE
 
 .PHONY: setup system-deps run test test-fast dry-run lint bench bench-setup clean
 

@@ -51,8 +51,8 @@ def plan_argv(cfg: dict, pin: bool = True) -> list[str]:
 
 def apply_plan(cfg: dict) -> Any:
     """Check the configured layout (or choose one for ``auto``); returns the plan."""
-    from llamapipe.plan_cli import parse_plan_args, plan_from_args
     from llamapipe.parallel_plan import format_table
+    from llamapipe.plan_cli import parse_plan_args, plan_from_args
 
     auto = not isinstance(cfg["npu"]["parallel"], dict)
     result = plan_from_args(parse_plan_args(plan_argv(cfg, pin=not auto)))
