@@ -34,3 +34,17 @@ def test_cpu_dag_in_containers_gives_the_local_predictions(tmp_path, docker_engi
     assert manifest["environment"]["paddlepaddle"] == "3.0.0"  # the image's pinned stack
     assert (boxed / "results/predictions.json").read_bytes() == (local / "results/predictions.json").read_bytes()
     assert not docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"})
+
+
+def test_container_overhead_bench_quick(docker_engine, cpu_image, monkeypatch):  # noqa: F811
+    import importlib.util
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("DOCKER_HOST", docker_engine.host)
+    spec = importlib.util.spec_from_file_location("container_overhead", ROOT / "bench/container_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick"])
+    assert set(result) == {"python -c pass", "evaluate stage"}
+    assert all(r["container_s"]["runs"] == 1 for r in result.values())
