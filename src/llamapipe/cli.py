@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from llamapipe.errors import PipelineError
+from llamapipe.logs import configure_logging
 
 
 def _params(text: str) -> dict[str, Any]:
@@ -212,21 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging() -> None:
-    """Our own handler on the ``llamapipe`` logger: importing paddle lowers the root logger to
-    WARNING, which would silence every stage's progress lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("llamapipe")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-
-
 def main(argv: list[str] | None = None) -> None:
     started = time.time()  # stage time includes process start-up work (imports): it is real cost
     args = build_parser().parse_args(argv)
-    _configure_logging()
+    configure_logging()
     from llamapipe.provenance import now
 
     started_at = now()

@@ -547,12 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llamapipe.runners.container", description=__doc__.split("\n")[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("llamapipe")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
+    from llamapipe.logs import configure_logging
+
+    root = configure_logging()
     try:
         code = container_run_main(args)
     except PipelineError as exc:
