@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# The Docker engine and image fixtures are session-wide: registered once here, so every test
+# module shares one engine (a fixture imported into two modules would be two fixtures, and the
+# second would wait forever on the first's cache lock).
+from docker_engine import base_image, cpu_image, docker_engine  # noqa: F401,E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SNAKEMAKE = [PYTHON, "-m", "snakemake"]

@@ -1,6 +1,6 @@
 """A real Docker engine for the container tests: Debian's dockerd on a private socket.
 
-Use from a test module (tests/conftest.py is not involved):
+Registered once for all test modules in tests/conftest.py:
 
     from docker_engine import base_image, cpu_image, docker_engine  # noqa: F401  (fixtures)
 

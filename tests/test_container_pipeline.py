@@ -9,7 +9,6 @@ import socket
 import pytest
 
 from conftest import copy_project, snakemake
-from docker_engine import base_image, cpu_image, docker_engine  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.container, pytest.mark.e2e]
 

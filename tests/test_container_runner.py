@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from docker_engine import base_image, cpu_image, docker_engine  # noqa: F401  (fixtures)
 from llamapipe.errors import PipelineError
 from llamapipe.runners.container import (
     LABEL_PROJECT,
