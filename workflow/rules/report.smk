@@ -3,7 +3,7 @@
 
 rule plots:
     input:
-        train_log=f"{PATHS['sft']}/train_log.jsonl",
+        sft=PATHS["sft"],  # a directory output: its train_log.jsonl is read by the command
         benchmarks=stage_benchmarks(),
     output:
         loss=report(
