@@ -17,12 +17,10 @@ from typing import Any
 
 from llamapipe import upstream_npu
 from llamapipe.config import visible_cards
-from llamapipe.runners.container import project_id
+from llamapipe.runners.container import NPU_CONTROL_DEVICES, NPU_DRIVER_PATHS, project_id
 
 # Stages whose upstream NPU entry point needs accelerator cards, and how many of the visible ones.
 NPU_CARDS = {"sft": "all", "merge": 1, "export": 1, "predict": 1, "init_model": 0}
-NPU_CONTROL_DEVICES = ("davinci_manager", "devmm_svm", "hisi_hdc")
-NPU_DRIVER_MOUNTS = ("Ascend/driver", "bin/npu-smi", "dcmi")  # under /usr/local, read-only
 
 
 def cards_for(stage: str, cfg: dict) -> list[int]:
@@ -51,8 +49,7 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) ->
         if cards:
             devices = [f"{npu['dev_root']}/davinci{c}" for c in cards]
             devices += [f"{npu['dev_root']}/{name}" for name in NPU_CONTROL_DEVICES]
-            mounts += [{"source": f"/usr/local/{m}", "target": f"/usr/local/{m}", "read_only": True}
-                       for m in NPU_DRIVER_MOUNTS]
+            mounts += [{"source": m, "target": m, "read_only": True} for m in NPU_DRIVER_PATHS]
     else:
         box = cfg["container"]
         image, shm, network, privileged = box["image"], box["shm_size"], box["network"], box["privileged"]

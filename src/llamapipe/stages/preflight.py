@@ -120,7 +120,9 @@ def npu_checks(params: dict, report: dict, problems: list) -> None:
     missing = [c for c in wanted if c not in nodes]
     if missing:
         problems.append(f"cards {missing} requested (devices) but {dev_root}/davinci{{N}} missing; found {nodes}")
-    for node in ("davinci_manager", "devmm_svm", "hisi_hdc"):
+    from llamapipe.runners.container import NPU_CONTROL_DEVICES
+
+    for node in NPU_CONTROL_DEVICES:
         if not os.path.exists(os.path.join(dev_root, node)):
             problems.append(f"{dev_root}/{node} missing: is the Ascend driver installed and loaded?")
     if report["driver_version"] is None:
