@@ -19,6 +19,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SNAKEMAKE = [PYTHON, "-m", "snakemake"]
 
+# A LLaMA small enough to build in milliseconds, for in-process checkpoint and merge tests.
+TINY_LLAMA = dict(
+    vocab_size=400,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
 # What a fresh clone holds that a run needs (results/, data/ and .snakemake/ are left behind).
 PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets", "envs", "Dockerfile.npu", ".dockerignore")
 

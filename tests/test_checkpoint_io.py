@@ -8,19 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_LLAMA
 from llamapipe import checkpoint_io
 from llamapipe.errors import PipelineError
 
-TINY = dict(
-    vocab_size=400,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+TINY = TINY_LLAMA
 
 
 class Tiny:

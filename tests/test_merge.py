@@ -8,20 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_LLAMA
 from llamapipe import checkpoint_io
 from llamapipe.errors import PipelineError
 from llamapipe.stages import merge
 from llamapipe.stages.sft import LORA_TARGET_MODULES
 
 TINY = dict(
+    TINY_LLAMA,
     vocab_size=320,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
     # a config that needs the guide's fix-up
     use_cache=True,
     bos_token_id=0,
