@@ -21,6 +21,7 @@ import numpy as np
 from llamapipe.errors import PipelineError
 
 MERGED_WEIGHTS = "model_state.pdparams"
+BASE_MODEL_POINTER = "base_model.json"  # npu: names the hub model whose weights are not stored here
 TP_SHARD = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
 
 # The guide's config.json fix-up (llama2-13b on NPU, "Inference" step): the fields that must

@@ -50,7 +50,13 @@ def _build_image(a: argparse.Namespace) -> Any:
 def _collect_sft(a: argparse.Namespace) -> Any:
     from llamapipe.stages import collect
 
-    return collect.collect_sft(a.ckpt_dir, a.out)
+    return collect.collect_sft(a.ckpt_dir, a.out, a.launch_logs)
+
+
+def _check_outputs(a: argparse.Namespace) -> Any:
+    from llamapipe.stages import collect
+
+    return collect.check_outputs(a.kind, a.path)
 
 
 def _collect_predictions(a: argparse.Namespace) -> Any:
@@ -170,7 +176,10 @@ TOOLS: dict[str, Any] = {
                     [("--dockerfile", "Dockerfile"), ("--tag", "image tag"), ("--build-args", "JSON object"),
                      ("--out", "npu.json")]),
     "collect-sft": (_collect_sft, "upstream run_finetune.py output -> results/sft",
-                    [("--ckpt-dir", "upstream output_dir"), ("--out", "sft output")]),
+                    [("--ckpt-dir", "upstream output_dir"), ("--launch-logs", "paddle.distributed.launch --log_dir"),
+                     ("--out", "sft output")]),
+    "check-outputs": (_check_outputs, "fail unless an upstream step wrote its outputs",
+                      [("--kind", "wheels | model | export"), ("--path", "what it wrote")]),
     "plots": (_plots, "training loss / learning rate and per-stage time plots (PNG)",
               [("--train-log", "train_log.jsonl"), ("--benchmarks", "comma-separated benchmark TSVs"),
                ("--out", "plots dir")]),

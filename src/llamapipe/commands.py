@@ -21,6 +21,8 @@ from llamapipe.runners.container import NPU_CONTROL_DEVICES, NPU_DRIVER_PATHS, p
 
 # Stages whose upstream NPU entry point needs accelerator cards, and how many of the visible ones.
 NPU_CARDS = {"sft": "all", "merge": 1, "export": 1, "predict": 1, "init_model": 0}
+NPU_TRAINING_STAGES = {"sft"}  # the stages that get npu.env (FLAGS_NPU_MC2, HCCL_...)
+CACHE_DIR = ".cache"  # project-relative: downloads that outlive one container
 
 
 def cards_for(stage: str, cfg: dict) -> list[int]:
@@ -31,25 +33,37 @@ def cards_for(stage: str, cfg: dict) -> list[int]:
     return cards if want == "all" else cards[:want]
 
 
+def _device_groups(devices: list[str]) -> list[str]:
+    """Group ids owning the device nodes (HwHiAiUser on Ascend hosts): a container running as the
+    caller's uid:gid gets them as supplementary groups, so it can open the cards."""
+    return sorted({str(os.stat(d).st_gid) for d in devices if os.path.exists(d)} - {str(os.getgid())})
+
+
 def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) -> dict:
     """What the container runner needs: image, devices, mounts, env, limits, labels."""
     project_dir = os.path.abspath(project_dir)
     code = package_src_dir()
-    env = {"PYTHONPATH": code, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    # HOME: the caller's uid has no home in the image (pip, PaddleNLP caches); downloads of named
+    # models go to the project so a rerun does not fetch them again.
+    env = {"PYTHONPATH": code, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads), "HOME": "/tmp",
+           "PPNLP_HOME": os.path.join(project_dir, CACHE_DIR, "paddlenlp")}
     mounts = [{"source": project_dir, "target": project_dir, "read_only": False}]
     if not code.startswith(project_dir + os.sep):  # stage code installed elsewhere: mount it read-only
         mounts.append({"source": code, "target": code, "read_only": True})
     devices: list[str] = []
     if cfg["target"] == "npu":
         npu = cfg["npu"]
-        cards = cards_for(stage, cfg)
         image, shm, network, privileged = npu["image"]["tag"], npu["shm_size"], npu["network"], npu["privileged"]
-        env.update({k: str(v) for k, v in npu["env"].items()})
+        if stage in NPU_TRAINING_STAGES:  # upstream sets these for training only (export/predict scripts: none)
+            env.update({k: str(v) for k, v in npu["env"].items()})
+        cards = cards_for(stage, cfg)
         env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, cards))
-        if cards:
+        if cards and npu["device"] == "npu":
             devices = [f"{npu['dev_root']}/davinci{c}" for c in cards]
             devices += [f"{npu['dev_root']}/{name}" for name in NPU_CONTROL_DEVICES]
             mounts += [{"source": m, "target": m, "read_only": True} for m in NPU_DRIVER_PATHS]
+        if npu.get("paddlenlp_mount"):
+            mounts.append({"source": npu["paddlenlp_mount"], "target": npu["paddlenlp_dir"], "read_only": True})
     else:
         box = cfg["container"]
         image, shm, network, privileged = box["image"], box["shm_size"], box["network"], box["privileged"]
@@ -57,6 +71,7 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) ->
         "image": image, "devices": devices, "mounts": mounts, "env": env, "shm_size": shm,
         "privileged": privileged, "network": network, "workdir": project_dir, "rule": stage,
         "project": project_id(project_dir), "user": f"{os.getuid()}:{os.getgid()}",
+        "group_add": _device_groups(devices),
     }
 
 
@@ -71,13 +86,25 @@ def _containerized(stage: str, cfg: dict, project_dir: str, argv: list[str], thr
 
 
 def _npu_script(cfg: dict, lines: list[str], atb: bool = False) -> list[str]:
-    """bash -c script: Ascend env, then the commands, from the checkout's llm/ directory."""
-    root, pdnlp = cfg["npu"]["ascend_root"], cfg["npu"]["paddlenlp_dir"]
-    scripts = list(upstream_npu.ASCEND_ENV_SCRIPTS) + ([upstream_npu.ATB_ENV_SCRIPT] if atb else [])
-    prelude = ["set -eo pipefail"] + [f"source {root}/{s}" for s in scripts] + [
-        f"export PYTHONPATH={pdnlp}:{pdnlp}/llm:$PYTHONPATH", f"cd {pdnlp}/llm",
-    ]
-    return ["bash", "-c", "; ".join(prelude + lines)]  # set -e: the first failing step fails the rule
+    """bash -c script: Ascend env, then the commands, from the checkout's llm/ directory.
+
+    PYTHONPATH: the checkout (``from llm.predict.predictor import``), ``llm/`` (``from utils...``)
+    and ``llm/devices/`` (export on npu: ``from npu.llama.export_utils import``; upstream's own
+    export_npu.sh misses it since the module moved there)."""
+    npu = cfg["npu"]
+    root, pdnlp = npu["ascend_root"], npu["paddlenlp_dir"]
+    prelude = ["set -eo pipefail"]
+    if npu["ascend_env"]:
+        prelude += [f"source {root}/{s}" for s in upstream_npu.ASCEND_ENV_SCRIPTS]
+        if atb:
+            found = " ".join(f"{root}/{s}" for s in upstream_npu.ATB_ENV_SCRIPTS)
+            prelude += [f"atb=$(ls {found} 2>/dev/null | head -n 1)",
+                        f'[ -n "$atb" ] || (echo "no ATB set_env.sh under {root} (atb/ or nnal/atb/)" >&2 && false)',
+                        'source "$atb"']
+    prelude += [f"export PYTHONPATH={pdnlp}:{pdnlp}/llm:{pdnlp}/llm/devices${{PYTHONPATH:+:$PYTHONPATH}}",
+                f"cd {pdnlp}/llm"]
+    # set -e: the first failing step fails the rule. No step holds "; " (tests split on it).
+    return ["bash", "-c", "; ".join(prelude + lines)]
 
 
 def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: list[str],
@@ -85,6 +112,8 @@ def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: li
     """``argv`` is the stage's own CLI call (``llamapipe <stage> ...``); wrap it for the target."""
     if cfg["target"] == "npu" and stage in NPU_UPSTREAM:
         inner = NPU_UPSTREAM[stage](cfg, paths, os.path.abspath(project_dir), argv)
+        if cfg["runtime"] == "local":  # the rehearsal's local runtime: the same script, no container
+            return shlex.join(inner)
         return _containerized(stage, cfg, project_dir, inner, threads)
     if cfg["runtime"] == "container":
         return _containerized(stage, cfg, project_dir, ["python", "-m", "llamapipe", *argv[1:]], threads)
@@ -95,36 +124,82 @@ def _abs(project: str, path: str) -> str:
     return os.path.join(project, path)
 
 
-def _ops_install(paths: dict, project: str) -> str:
-    return f"python -m pip install --no-deps --force-reinstall {shlex.quote(_abs(project, paths['wheels']))}/*.whl"
+def _model(cfg: dict, paths: dict, project: str) -> str:
+    """The base model upstream loads: a hub name as is, the model init_model built as a path."""
+    name = cfg["npu"]["model_name_or_path"]
+    return _abs(project, name) if name == paths["base_model"] else name
+
+
+def _python(cfg: dict) -> list[str]:
+    """How upstream scripts are started (the rehearsal: through llamapipe.cpu_shims)."""
+    return ["python", "-m", "llamapipe.cpu_shims"] if cfg["npu"]["cpu_shims"] else ["python"]
+
+
+def _ops_install(cfg: dict, paths: dict, project: str) -> list[str]:
+    """paddlenlp_ops into a private directory, not site-packages (the container runs as the
+    caller, who cannot write there; on the host it would change the venv). The import gate turns
+    upstream's "paddlenlp_ops does not exist" (exit 0, nothing written) into a failure."""
+    wheels = shlex.quote(_abs(project, paths["wheels"]))
+    lines = ["ops=$(mktemp -d)",
+             f"python -m pip install --quiet --no-deps --no-index --no-cache-dir --target $ops {wheels}/*.whl",
+             "export PYTHONPATH=$ops:$PYTHONPATH"]
+    if cfg["npu"]["inference_model"]:
+        lines.append('python -c "import paddlenlp_ops"')
+    return lines
+
+
+def _check(kind: str, path: str, *extra: str) -> str:
+    """Our check that an upstream step wrote what it should (exit 0 alone proves nothing)."""
+    return shlex.join(["python", "-m", "llamapipe", "check-outputs", "--kind", kind, "--path", path, *extra])
 
 
 def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
     out = _abs(project, paths["sft_checkpoints"])
+    model = _model(cfg, paths, project)
     if cfg["npu"]["pretrain"]["enabled"]:
-        script, args = "run_pretrain.py", upstream_npu.pretrain_args(cfg, out)
+        input_dir = _abs(project, cfg["npu"]["pretrain"]["input_dir"])  # the project's, not llm/'s
+        script, args = "run_pretrain.py", upstream_npu.pretrain_args(cfg, model, input_dir, out)
     else:
-        script, args = "run_finetune.py", upstream_npu.finetune_args(cfg, _abs(project, paths["data"]), out)
-    launch = upstream_npu.launch_argv(cfg, script, _abs(project, paths["sft_launch_logs"]))
-    collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--out", _abs(project, paths["sft"])]
+        script, args = "run_finetune.py", upstream_npu.finetune_args(cfg, model, _abs(project, paths["data"]), out)
+    launch_logs = _abs(project, paths["sft_launch_logs"])
+    launch = upstream_npu.launch_argv(cfg, script, launch_logs)
+    collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--launch-logs", launch_logs,
+               "--out", _abs(project, paths["sft"])]
     return _npu_script(cfg, [shlex.join(launch + args), shlex.join(collect)])
+
+
+def _npu_merge(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
+    """Full SFT: our merge (one pdparams, config fix-up). LoRA: upstream's merge_lora_params.py
+    first, then the same merge of its output."""
+    if not cfg["sft"]["lora"]:
+        return _npu_own_stage(cfg, paths, project, argv)
+    folded = _abs(project, paths["merged"]) + ".lora"
+    merge_lora = _python(cfg) + ["tools/merge_lora_params.py", *upstream_npu.merge_lora_args(
+        cfg, _model(cfg, paths, project), _abs(project, paths["sft"]), folded)]
+    ours = list(argv[1:])
+    ours[ours.index("--sft") + 1] = folded
+    return _npu_script(cfg, [f"rm -rf {shlex.quote(folded)}", shlex.join(merge_lora), _check("model", folded),
+                             f"cd {shlex.quote(project)}", shlex.join(["python", "-m", "llamapipe", *ours]),
+                             f"rm -rf {shlex.quote(folded)}"])
 
 
 def _npu_export(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
     final = _abs(project, paths["inference"])
     tmp = final + ".tmp"
-    export = ["python", "predict/export_model.py", *upstream_npu.export_args(cfg, _abs(project, paths["merged"]), tmp)]
-    return _npu_script(cfg, [_ops_install(paths, project), f"rm -rf {shlex.quote(tmp)}", shlex.join(export),
-                             f"mv {shlex.quote(tmp)} {shlex.quote(final)}"], atb=True)
+    export = _python(cfg) + ["predict/export_model.py",
+                             *upstream_npu.export_args(cfg, _abs(project, paths["merged"]), tmp)]
+    return _npu_script(cfg, [*_ops_install(cfg, paths, project), f"rm -rf {shlex.quote(tmp)}", shlex.join(export),
+                             _check("export", tmp), f"mv {shlex.quote(tmp)} {shlex.quote(final)}"], atb=True)
 
 
 def _npu_predict(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
     raw = _abs(project, paths["predictions"]) + ".upstream.jsonl"
-    predict = ["python", "predict/predictor.py",
-               *upstream_npu.predictor_args(cfg, _abs(project, paths["inference"]), _abs(project, paths["dev"]), raw)]
+    predict = _python(cfg) + ["predict/predictor.py", *upstream_npu.predictor_args(
+        cfg, _abs(project, paths["inference"]), _abs(project, paths["dev"]), raw)]
     collect = ["python", "-m", "llamapipe", "collect-predictions", "--upstream", raw,
                "--dev", _abs(project, paths["dev"]), "--out", _abs(project, paths["predictions"])]
-    return _npu_script(cfg, [_ops_install(paths, project), shlex.join(predict), shlex.join(collect)], atb=True)
+    return _npu_script(cfg, [*_ops_install(cfg, paths, project), f"rm -f {shlex.quote(raw)}", shlex.join(predict),
+                             shlex.join(collect)], atb=True)
 
 
 def _npu_own_stage(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
@@ -136,7 +211,7 @@ NPU_UPSTREAM: dict[str, Any] = {
     "sft": _npu_sft,
     "export": _npu_export,
     "predict": _npu_predict,
-    "merge": _npu_own_stage,
+    "merge": _npu_merge,
     "init_model": _npu_own_stage,
     "download_data": _npu_own_stage,
     "prepare_data": _npu_own_stage,
@@ -145,13 +220,17 @@ NPU_UPSTREAM: dict[str, Any] = {
 
 
 def build_ops_command(cfg: dict, paths: dict, project_dir: str) -> str:
-    """The guide's step 6 (``cd csrc/npu; python setup.py build bdist_wheel``) in the image."""
+    """The guide's step 6 (``cd csrc/npu; python setup.py build bdist_wheel``), in a copy of
+    ``csrc/npu``: the checkout is root-owned in the image (read-only in the rehearsal)."""
     project = os.path.abspath(project_dir)
     pdnlp, wheels = cfg["npu"]["paddlenlp_dir"], _abs(project, paths["wheels"])
     tmp = wheels + ".tmp"
     script = _npu_script(cfg, [
-        f"rm -rf {shlex.quote(tmp)}", f"mkdir -p {shlex.quote(tmp)}",
-        f"cd {pdnlp}/csrc/npu", "python setup.py build bdist_wheel",
-        f"cp dist/paddlenlp_ops-*.whl {shlex.quote(tmp)}/", f"mv {shlex.quote(tmp)} {shlex.quote(wheels)}",
+        f"rm -rf {shlex.quote(tmp)}", f"mkdir -p {shlex.quote(tmp)}", "build=$(mktemp -d)",
+        f"cp -r {pdnlp}/csrc/npu/. $build/", "cd $build", "python setup.py build bdist_wheel",
+        f"cp dist/paddlenlp_ops-*.whl {shlex.quote(tmp)}/", _check("wheels", tmp),
+        f"mv {shlex.quote(tmp)} {shlex.quote(wheels)}",
     ])
+    if cfg["runtime"] == "local":
+        return shlex.join(script)
     return _containerized("build_ops", cfg, project, script, threads=1)

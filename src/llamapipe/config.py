@@ -34,11 +34,17 @@ def resolve(config: dict) -> dict:
     """The effective config: the target's overlays applied, cross-field rules checked."""
     cfg = copy.deepcopy(config)
     target = cfg["target"]
+    if cfg.get("rehearsal"):
+        if target != "npu":
+            raise PipelineError("rehearsal: cpu rehearses the npu target; use it with target=npu")
+        from llamapipe import rehearsal
+
+        rehearsal.apply(cfg)  # the listed differences from a real NPU run, nothing else
     if target == "npu":
         npu = cfg["npu"]
         for section in OVERLAID_SECTIONS:
             cfg[section] = deep_merge(cfg[section], npu.get(section, {}))
-        if cfg.get("runtime", "local") == "local":
+        if cfg.get("runtime", "local") == "local" and not cfg.get("rehearsal"):
             cfg["runtime"] = "container"  # the guide: every NPU stage runs in the paddle-npu container
         if not cfg.get("devices"):
             cfg["devices"] = npu["devices"]

@@ -40,7 +40,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"a known model ({', '.join(KNOWN_MODELS)}); default {DEFAULT_MODEL}")
     model.add_argument("--model-config", metavar="JSON", default=None,
                        help="a model config.json (Hugging Face/PaddleNLP; other keys ignored) or a JSON "
-                            "object with exactly the six shape fields")
+                            "object with exactly the six shape fields; a file path or the JSON text itself")
     p.add_argument("--seq-length", type=int, default=defaults.seq_length, help="tokens per sample (max_length)")
     p.add_argument("--micro-batch", type=int, default=defaults.micro_batch_size,
                    help="per_device_train_batch_size")
@@ -86,8 +86,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _load_shape(args: argparse.Namespace) -> tuple[str, ModelShape]:
     if args.model_config:
         path = Path(args.model_config)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+        try:  # a file, or the JSON object itself (the rehearsal passes the tiny model's shape inline)
+            text = args.model_config if args.model_config.lstrip().startswith("{") else path.read_text(encoding="utf-8")
+            data = json.loads(text)
         except OSError as exc:
             raise PipelineError(f"--model-config {path}: cannot read: {exc.strerror or exc}") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -101,6 +101,15 @@ def git_state(project_dir: str) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def _rehearsal(config: dict) -> dict | None:
+    """rehearsal=cpu: what differed from a real NPU run, so no one mistakes it for one."""
+    if not config.get("rehearsal"):
+        return None
+    from llamapipe.rehearsal import describe
+
+    return {"mode": config["rehearsal"], "differences": describe(config)}
+
+
 def collect(manifest_dir: str, config: dict, project_dir: str, image_records: list[str], out: str) -> dict:
     manifests = {}
     for path in sorted(Path(manifest_dir).glob("*.json")):
@@ -116,6 +125,7 @@ def collect(manifest_dir: str, config: dict, project_dir: str, image_records: li
         "data_archive": {"url": config["data"]["url"], "sha256": config["data"]["sha256"],
                          "verified_by": "download-data" if download else None},
         "images": {Path(p).stem: json.loads(Path(p).read_text()) for p in image_records if os.path.exists(p)},
+        "rehearsal": _rehearsal(config),
         "stages": {
             name: {"started": m["started"], "finished": m["finished"], "environment": m["environment"],
                    "inputs": m["inputs"], "outputs": m["outputs"]}

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 ASCEND_ENV_SCRIPTS = ("ascend-toolkit/set_env.sh",)
-ATB_ENV_SCRIPT = "atb/set_env.sh"  # export/predict also source it (export_npu.sh, predict_npu.sh)
+# export/predict also source ATB's (export_npu.sh, predict_npu.sh: atb/); CANN 8.0.0 images ship
+# it under nnal/atb/: the first that exists is sourced.
+ATB_ENV_SCRIPTS = ("atb/set_env.sh", "nnal/atb/set_env.sh")
 
 
 def _flag(value: Any) -> str:
@@ -29,7 +31,12 @@ def _args(pairs: list) -> list[str]:
 def launch_argv(cfg: dict, script: str, log_dir: str) -> list[str]:
     """``python -u -m paddle.distributed.launch`` over the visible cards (and nodes)."""
     npu = cfg["npu"]
-    argv = ["python", "-u", "-m", "paddle.distributed.launch", "--devices", cfg["devices"], "--log_dir", log_dir]
+    argv = ["python", "-u", "-m", "paddle.distributed.launch"]
+    if npu["device"] == "cpu":  # a CPU build has no device labels: --devices raises ValueError
+        argv += ["--nproc_per_node", str(len(cfg["devices"].split(",")))]
+    else:
+        argv += ["--devices", cfg["devices"]]
+    argv += ["--log_dir", log_dir]
     if npu["nodes"] > 1:
         argv += ["--nnodes", str(npu["nodes"])]
         if npu.get("master"):
@@ -39,13 +46,13 @@ def launch_argv(cfg: dict, script: str, log_dir: str) -> list[str]:
     return argv + [script]
 
 
-def finetune_args(cfg: dict, data_dir: str, output_dir: str) -> list[str]:
+def finetune_args(cfg: dict, model: str, data_dir: str, output_dir: str) -> list[str]:
     """run_finetune.py arguments: llama_npu_sft_N1C8.sh (LoRA: llama_npu_lora_N1C8.sh)."""
     sft, npu = cfg["sft"], cfg["npu"]
     par, fused = npu["parallel"], npu["fused"]
     pairs = [
-        ("device", "npu"),
-        ("model_name_or_path", npu["model_name_or_path"]),
+        ("device", npu["device"]),
+        ("model_name_or_path", model),
         ("dataset_name_or_path", data_dir),
         ("output_dir", output_dir),
         ("per_device_train_batch_size", sft["per_device_train_batch_size"]),
@@ -82,23 +89,24 @@ def finetune_args(cfg: dict, data_dir: str, output_dir: str) -> list[str]:
         ("use_fused_rope", fused["use_fused_rope"]),
         ("use_fused_rms_norm", fused["use_fused_rms_norm"]),
         ("pad_to_multiple_of", fused["pad_to_multiple_of"]),
+        ("report_to", npu["report_to"]),
     ]
-    if sft["lora"]:
-        pairs += [("lora", True), ("lora_rank", sft["lora_rank"]), ("lora_alpha", sft["lora_alpha"])]
+    if sft["lora"]:  # no --lora_alpha: run_finetune.py has none (alpha = 2 x rank)
+        pairs += [("lora", True), ("lora_rank", sft["lora_rank"])]
     elif par["sharding"]:  # the LoRA script runs without sharding
         pairs += [("sharding", par["sharding"]), ("sharding_parallel_config", par["sharding_parallel_config"])]
     return _args(pairs)
 
 
-def pretrain_args(cfg: dict, output_dir: str) -> list[str]:
+def pretrain_args(cfg: dict, model: str, input_dir: str, output_dir: str) -> list[str]:
     """run_pretrain.py arguments: llama_npu_ppt_N1C8.sh."""
     sft, npu = cfg["sft"], cfg["npu"]
     par, fused, ppt = npu["parallel"], npu["fused"], npu["pretrain"]
     return _args([
-        ("device", "npu"),
-        ("model_name_or_path", npu["model_name_or_path"]),
-        ("tokenizer_name_or_path", npu["model_name_or_path"]),
-        ("input_dir", ppt["input_dir"]),
+        ("device", npu["device"]),
+        ("model_name_or_path", model),
+        ("tokenizer_name_or_path", model),
+        ("input_dir", input_dir),
         ("output_dir", output_dir),
         ("split", ppt["split"]),
         ("max_seq_length", sft["max_length"]),
@@ -126,7 +134,12 @@ def pretrain_args(cfg: dict, output_dir: str) -> list[str]:
         ("sharding", par["sharding"]),
         ("sequence_parallel", par["sequence_parallel"]),
         ("unified_checkpoint", True),
+        ("report_to", npu["report_to"]),
     ])
+
+
+def _inference_flags(cfg: dict) -> list[str]:
+    return ["--inference_model", "--block_attn"] if cfg["npu"]["inference_model"] else []
 
 
 def export_args(cfg: dict, model_dir: str, output_path: str) -> list[str]:
@@ -135,10 +148,21 @@ def export_args(cfg: dict, model_dir: str, output_path: str) -> list[str]:
         ("model_name_or_path", model_dir),
         ("output_path", output_path),
         ("dtype", cfg["export"]["dtype"]),
-        ("device", "npu"),
+        ("device", cfg["npu"]["device"]),
         ("src_length", cfg["sft"]["src_length"]),
         ("max_length", cfg["export"]["max_new_tokens"]),
-    ]) + ["--inference_model", "--block_attn"]
+    ]) + _inference_flags(cfg)
+
+
+def merge_lora_args(cfg: dict, base_model: str, lora_dir: str, output_path: str) -> list[str]:
+    """tools/merge_lora_params.py: LoRA weights folded into the base (pdparams, not safetensors)."""
+    return _args([
+        ("model_name_or_path", base_model),
+        ("lora_path", lora_dir),
+        ("output_path", output_path),
+        ("device", cfg["npu"]["device"]),
+        ("safe_serialization", False),
+    ])
 
 
 def predictor_args(cfg: dict, model_dir: str, data_file: str, output_file: str) -> list[str]:
@@ -147,11 +171,11 @@ def predictor_args(cfg: dict, model_dir: str, data_file: str, output_file: str) 
         ("model_name_or_path", model_dir),
         ("dtype", cfg["export"]["dtype"]),
         ("mode", "static"),
-        ("device", "npu"),
+        ("device", cfg["npu"]["device"]),
         ("data_file", data_file),
         ("output_file", output_file),
         ("batch_size", cfg["predict"]["batch_size"]),
         ("src_length", cfg["sft"]["src_length"]),
         ("max_length", cfg["predict"]["max_new_tokens"]),
         ("decode_strategy", "greedy_search"),
-    ]) + ["--inference_model", "--block_attn"]
+    ]) + _inference_flags(cfg)

@@ -26,6 +26,19 @@ except PipelineError as err:
     raise WorkflowError(f"config: {err}")
 validate(CFG, schema="../schemas/config.schema.yaml")
 TARGET = CFG["target"]
+# rehearsal=cpu: the npu DAG on this machine's CPU (llamapipe.rehearsal lists the differences).
+REHEARSAL = bool(CFG["rehearsal"])
+if REHEARSAL:
+    from snakemake.logging import logger
+    from llamapipe.rehearsal import describe as describe_rehearsal
+
+    logger.info(
+        "rehearsal=cpu: the npu target on CPU; what differs from a real NPU run:\n"
+        + "\n".join(
+            f"  {d['key']} = {json.dumps(d['value'])}: {d['reason']}"
+            for d in describe_rehearsal(CFG)
+        )
+    )
 
 RESULTS = "results"
 PATHS = {
@@ -79,9 +92,15 @@ def stage_params(stage):
             "target": TARGET,
             "devices": CFG["devices"],
             **(
-                {k: CFG["npu"][k] for k in ("ascend_root", "dev_root")}
+                {k: CFG["npu"][k] for k in ("ascend_root", "dev_root", "device")}
                 if TARGET == "npu"
                 else {}
+            ),
+            "runtime": CFG["runtime"],
+            # a host checkout the npu stages run (the rehearsal's); the image's own is not on the host
+            "paddlenlp_checkout": (
+                CFG["npu"]["paddlenlp_mount"]
+                or (CFG["npu"]["paddlenlp_dir"] if REHEARSAL else None)
             ),
         },
         "download_data": {k: CFG["data"][k] for k in ("url", "sha256", "retries")},
@@ -91,6 +110,7 @@ def stage_params(stage):
         "init_model": (
             {"model_name_or_path": CFG["npu"]["model_name_or_path"]}
             if TARGET == "npu"
+            and CFG["npu"]["model_name_or_path"] != PATHS["base_model"]
             else CFG["model"]
         ),
         "sft": CFG["sft"],
@@ -165,12 +185,18 @@ def stage_benchmarks():
     ]
     stages += ["export", "predict", "evaluate"]
     if TARGET == "npu":
-        stages += ["pull_image", "build_image", "build_ops"]
+        stages += (
+            ["build_ops"]
+            if not image_records()
+            else ["pull_image", "build_image", "build_ops"]
+        )
     return [bench_of(s) for s in stages]
 
 
 def image_records():
-    return [PATHS["base_image"], PATHS["image"]] if TARGET == "npu" else []
+    if TARGET != "npu" or not CFG["npu"]["image"]["build"]:
+        return []
+    return [PATHS["base_image"], PATHS["image"]]
 
 
 def plan_inputs():
@@ -181,7 +207,7 @@ def image_inputs(wheels=False):
     """On npu every stage runs in the built image (and export/predict need the ops wheel)."""
     if TARGET != "npu":
         return []
-    return [PATHS["image"]] + ([PATHS["wheels"]] if wheels else [])
+    return image_records()[1:] + ([PATHS["wheels"]] if wheels else [])
 
 
 def default_targets():

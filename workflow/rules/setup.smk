@@ -76,7 +76,7 @@ rule build_image:
 
 rule build_ops:
     input:
-        PATHS["image"],
+        image_records()[1:] or PATHS["preflight"],
     output:
         directory(PATHS["wheels"]),
     log:

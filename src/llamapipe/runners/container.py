@@ -88,6 +88,7 @@ class ContainerSpec:
     network: str = "none"
     workdir: str | None = None
     user: str | None = None
+    group_add: list[str] = field(default_factory=list)  # supplementary groups, e.g. the davinci nodes' gid
 
     def __post_init__(self) -> None:
         for name in ("image", "rule", "project"):
@@ -122,6 +123,9 @@ class ContainerSpec:
             raise PipelineError(f"container spec: workdir must be an absolute path, got {self.workdir!r}")
         if self.user is not None and not (isinstance(self.user, str) and re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", self.user)):
             raise PipelineError(f"container spec: user must be 'uid:gid' (or a name), got {self.user!r}")
+        if not isinstance(self.group_add, list) or not all(isinstance(g, str) and re.match(r"^[A-Za-z0-9_.-]+$", g)
+                                                            for g in self.group_add):
+            raise PipelineError(f"container spec: group_add must be a list of group ids or names, got {self.group_add!r}")
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any]) -> ContainerSpec:
@@ -352,6 +356,8 @@ def container_create_kwargs(spec: ContainerSpec, argv: list[str],
         kwargs["working_dir"] = spec.workdir
     if spec.user:
         kwargs["user"] = spec.user
+    if spec.group_add:
+        kwargs["group_add"] = list(spec.group_add)
     return kwargs
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from llamapipe.atomic import atomic_dir
+from llamapipe.checkpoint_io import BASE_MODEL_POINTER
 from llamapipe.errors import PipelineError
 from llamapipe.tokenizer_io import flatten
 
 log = logging.getLogger("llamapipe.init_model")
 
-BASE_MODEL_POINTER = "base_model.json"  # names the hub model whose weights are not stored here
 
 # LLaMA-2's conventions: pad/bos/eos/unk ids 0/1/2/3 (config.json fix-up of the guide relies on them).
 SPECIAL_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}
@@ -66,7 +66,19 @@ def train_sentencepiece(corpus: Path, prefix: Path, vocab_size: int, seed: int) 
         return fitted
 
 
+def write_base_pointer(model_name_or_path: str, out_dir: str) -> dict[str, Any]:
+    """npu: the base model is a named hub model that upstream's scripts load themselves; record
+    which one (merge and provenance read it) instead of copying 26 GB of weights."""
+    summary = {"model_name_or_path": model_name_or_path, "weights": "loaded by upstream from the name"}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / BASE_MODEL_POINTER).write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("base model %s (named, not built) -> %s", model_name_or_path, out_dir)
+    return summary
+
+
 def run(params: dict[str, Any], train_file: str, out_dir: str, seed: int) -> dict[str, Any]:
+    if "model_name_or_path" in params:
+        return write_base_pointer(params["model_name_or_path"], out_dir)
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     from llamapipe.paddle_env import seed_everything

@@ -24,7 +24,7 @@ def merge_lora(base_dir: str, lora_dir: str) -> dict[str, Any]:
     from paddlenlp.peft import LoRAModel
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    pointer = Path(base_dir) / "base_model.json"  # npu: a named hub model, weights not stored locally
+    pointer = Path(base_dir) / checkpoint_io.BASE_MODEL_POINTER  # npu: a named hub model, weights not stored locally
     source = json.loads(pointer.read_text())["model_name_or_path"] if pointer.exists() else base_dir
     model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
     base_keys = set(model.state_dict())

@@ -135,6 +135,21 @@ def npu_checks(params: dict, report: dict, problems: list) -> None:
         problems.append(problem)
 
 
+def checkout_checks(checkout: str, report: dict, problems: list) -> None:
+    """The PaddleNLP checkout the rehearsal runs: the scripts present, its commit if it is a clone."""
+    from llamapipe.rehearsal import CHECKOUT_FILES
+
+    missing = [f for f in CHECKOUT_FILES if not os.path.isfile(os.path.join(checkout, f))]
+    if missing:
+        problems.append(f"PaddleNLP checkout {checkout} lacks {', '.join(missing)}")
+    try:
+        commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    report["paddlenlp_checkout"] = {"path": checkout, "commit": commit or "unknown (not a git clone)"}
+
+
 def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, Any]:
     target = params.get("target", "cpu")
     free_gib = shutil.disk_usage(workdir).free / 2**30
@@ -149,8 +164,13 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
     problems: list[str] = []
     if free_gib < params["min_free_disk_gb"]:
         problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
-    if target == "npu":
+    if params.get("paddlenlp_checkout"):
+        checkout_checks(params["paddlenlp_checkout"], report, problems)
+    if target == "npu" and params.get("device", "npu") == "npu":
         npu_checks(params, report, problems)  # the Paddle stack lives in the image, not on the host
+    elif params.get("runtime") == "container":  # the rehearsal in the CPU stage image
+        report["engine_version"], problem = engine_version()
+        problems += [problem] if problem else []
     else:
         report["versions"] = package_versions()
         problems += [f"Python package {k} does not import" for k, v in report["versions"].items() if v is None]

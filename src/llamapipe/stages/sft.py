@@ -117,7 +117,7 @@ def build_model(base_dir: str, params: dict[str, Any], dtype: str) -> Any:
     lora_config = LoRAConfig(
         target_modules=LORA_TARGET_MODULES,
         r=params["lora_rank"],
-        lora_alpha=params["lora_alpha"],
+        lora_alpha=2 * params["lora_rank"],  # upstream run_finetune.py's rule: there is no alpha knob
         dtype=dtype,
         base_model_name_or_path=base_dir,
     )

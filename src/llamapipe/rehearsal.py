@@ -1,0 +1,153 @@
+"""The NPU target rehearsed on CPU: the one list of what differs from a real NPU run.
+
+``--config target=npu rehearsal=cpu`` runs the NPU DAG (preflight, plan, build_ops, init_model,
+sft, merge, export, predict, evaluate, report) through the same command builders
+(``llamapipe.commands``, ``llamapipe.upstream_npu``) and upstream's own ``llm/`` entry points
+from a PaddleNLP checkout, on this machine's CPU, with the cpu target's tiny LLaMA standing in
+for llama2-13b. Every difference from the NPU run is a config value set here, with its reason;
+the command builders have no rehearsal branch, so the NPU dry-run's commands with these values
+substituted are the rehearsal's commands (``tests/test_rehearsal.py`` checks it flag by flag).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from llamapipe.errors import PipelineError
+
+CHECKOUT_ENV = "LLAMAPIPE_PADDLENLP_SRC"
+# What a usable checkout holds (the scripts the NPU stages run, the ops package build_ops builds).
+CHECKOUT_FILES = (
+    "llm/run_finetune.py",
+    "llm/predict/export_model.py",
+    "llm/predict/predictor.py",
+    "llm/tools/merge_lora_params.py",
+    "llm/devices/npu/llama/export_utils.py",
+    "csrc/npu/setup.py",
+)
+BASE_MODEL = "results/model/base"  # common.smk's PATHS["base_model"]: what init_model builds
+PARALLEL_ONE_PROCESS = {
+    "tensor_parallel_degree": 1,
+    "pipeline_parallel_degree": 1,
+    "sharding_parallel_degree": 1,
+    "sharding": "",
+    "sharding_parallel_config": "",
+    "sequence_parallel": False,
+    "recompute": False,
+}
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: str  # dotted path in the resolved config
+    value: Any
+    reason: str
+    runtime: str = "any"  # "local" or "container": only on that runtime
+
+
+def _differences(cfg: dict) -> list[Difference]:
+    model_shape = dict(cfg["model"], model_type="llama")
+    return [
+        Difference("npu.device", "cpu", "no Ascend cards: upstream scripts get --device cpu; the launcher "
+                   "starts --nproc_per_node processes (a CPU build has no device labels for --devices), and "
+                   "containers get no /dev/davinci* nodes or driver mounts"),
+        Difference("devices", "0", "one process stands in for the cards"),
+        Difference("npu.parallel", PARALLEL_ONE_PROCESS, "one process: no tensor/pipeline/sharding groups, "
+                   "so no sequence parallel and no sharding stage"),
+        Difference("npu.model_name_or_path", BASE_MODEL, "the cpu target's tiny LLaMA (built by init_model) "
+                   "stands in for meta-llama/Llama-2-13b: no hub downloads here"),
+        Difference("npu.model_config", json.dumps(model_shape, sort_keys=True),
+                   "the parallel plan checks the tiny model's shape"),
+        Difference("npu.sft", {}, "sizes and schedule of the cpu target's sft section (float32, src_length/"
+                   "max_length within the tiny model's positions, minutes on 2 cores) instead of npu.sft"),
+        Difference("npu.export", {}, "the cpu target's export section (float32, its decode length)"),
+        Difference("npu.predict", {}, "the cpu target's predict section (batch, decode length)"),
+        Difference("npu.fused.fp16_opt_level", "O1", "float32 training: run_finetune.py raises 'Please "
+                   "specific dtype: --fp16 or --bf16' with O2 and neither"),
+        Difference("npu.fused.use_flash_attention", False, "no CPU kernel for flash attention"),
+        Difference("npu.fused.use_fused_rms_norm", False, "no CPU kernel for fused rms_norm"),
+        Difference("npu.fused.pad_to_multiple_of", 16, "4096 pads every tiny example to 4096 tokens "
+                   "(87 s a step on 2 cores)"),
+        Difference("npu.inference_model", False, "--inference_model --block_attn need paddlenlp_ops' NPU "
+                   "kernels (paddle_custom_device.npu.ops): export/predict run upstream's plain static "
+                   "model; the ops wheel is built and installed but not imported"),
+        Difference("npu.ascend_env", False, "no CANN/ATB on CPU: set_env.sh scripts are not sourced"),
+        Difference("npu.cpu_shims", True, "upstream scripts run through llamapipe.cpu_shims: export with "
+                   "use_top_p=False (top_p_sampling has no float32 CPU kernel) and the predictor without "
+                   "Paddle Inference's inplace_pass (with oneDNN it corrupts the decode loop on CPU)"),
+        Difference("npu.image.build", False, "no NPU image is pulled or built (pull_image, build_image "
+                   "are not in the DAG)"),
+        Difference("runtime", "local", "stages run as local processes (runtime=container: in the CPU stage "
+                   "image)", runtime="local"),
+        Difference("npu.paddlenlp_dir", None, "the checkout given by LLAMAPIPE_PADDLENLP_SRC / paddlenlp_src "
+                   "instead of the image's /opt/PaddleNLP", runtime="local"),
+        Difference("npu.image.tag", cfg["container"]["image"], "the CPU stage image (container.image) "
+                   "instead of the built NPU image", runtime="container"),
+        Difference("npu.paddlenlp_mount", None, "the given checkout, mounted read-only at npu.paddlenlp_dir, "
+                   "instead of the image's own", runtime="container"),
+        Difference("npu.network", cfg["container"]["network"], "the CPU stage image's network setting",
+                   runtime="container"),
+    ]
+
+
+def checkout_dir(cfg: dict) -> str:
+    """The PaddleNLP checkout the rehearsal runs (config ``paddlenlp_src``, else the env var)."""
+    path = cfg.get("paddlenlp_src") or os.environ.get(CHECKOUT_ENV)
+    commit = cfg["npu"]["image"]["paddlenlp_commit"]
+    if not path:
+        raise PipelineError(
+            f"rehearsal=cpu runs PaddleNLP's own llm/ scripts: set {CHECKOUT_ENV}=<dir> (or paddlenlp_src) "
+            f"to a checkout at commit {commit}, e.g. git clone {cfg['npu']['image']['paddlenlp_repo']} "
+            f"<dir> && git -C <dir> checkout {commit}"
+        )
+    path = os.path.abspath(path)
+    missing = [f for f in CHECKOUT_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise PipelineError(f"{path} is not a PaddleNLP checkout the NPU stages can run: missing {', '.join(missing)}")
+    return path
+
+
+def differences(cfg: dict) -> list[Difference]:
+    """The differences that apply to this config's runtime, with values filled in."""
+    runtime = cfg.get("runtime", "local")
+    out = []
+    for d in _differences(cfg):
+        if d.runtime not in ("any", runtime):
+            continue
+        if d.key in ("npu.paddlenlp_dir", "npu.paddlenlp_mount"):
+            d = Difference(d.key, checkout_dir(cfg), d.reason, d.runtime)
+        out.append(d)
+    return out
+
+
+def apply(cfg: dict) -> dict:
+    """Set every difference in ``cfg`` (before the npu overlays and the plan are applied)."""
+    for d in differences(cfg):
+        _set(cfg, d.key, d.value)
+    return cfg
+
+
+def describe(cfg: dict) -> list[dict]:
+    """The list as recorded in provenance and printed by the dry-run, from a resolved config
+    (the values as applied)."""
+    runtime = cfg.get("runtime", "local")
+    return [{"key": d.key, "value": _get(cfg, d.key), "reason": d.reason}
+            for d in _differences(cfg) if d.runtime in ("any", runtime)]
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[last] = value

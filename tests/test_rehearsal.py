@@ -1,0 +1,271 @@
+"""The NPU target rehearsed on CPU (``--config target=npu rehearsal=cpu``).
+
+- The rehearsal's commands are the NPU dry-run's commands but for the items of
+  ``llamapipe.rehearsal``'s list: every differing flag, step or rule is explained by one listed
+  config key (the mapping below is written from upstream's argument names, not from our code),
+  and every listed key explains something. Runs anywhere: a stand-in checkout suffices.
+- End to end with upstream's own scripts: needs a PaddleNLP checkout at the pinned commit, named
+  by LLAMAPIPE_PADDLENLP_SRC (CI cannot reach GitHub: those tests skip there, saying so).
+- Failing loudly: an upstream step that exits 0 having written nothing fails its rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import copy_project, snakemake
+from llamapipe import rehearsal
+from llamapipe.errors import PipelineError
+from npu_commands import UPSTREAM_SCRIPTS, flags, parse, shell_commands
+
+CHECKOUT = os.environ.get(rehearsal.CHECKOUT_ENV)
+needs_checkout = pytest.mark.skipif(
+    not CHECKOUT, reason=f"set {rehearsal.CHECKOUT_ENV}=<PaddleNLP checkout at the pinned commit> to run upstream's scripts")
+
+# Where a rehearsal command may differ from the NPU one, and the listed key that explains it.
+SFT_SIZES = {"--per_device_train_batch_size", "--gradient_accumulation_steps", "--max_steps", "--learning_rate",
+             "--warmup_steps", "--save_steps", "--src_length", "--max_length", "--bf16", "--fp16", "--lora_rank"}
+PARALLEL = {"--tensor_parallel_degree", "--pipeline_parallel_degree", "--sharding_parallel_degree", "--sharding",
+            "--sharding_parallel_config", "--sequence_parallel", "--recompute"}
+FUSED = {"--fp16_opt_level", "--use_flash_attention", "--use_fused_rms_norm", "--pad_to_multiple_of"}
+PLAN = {"--model": "npu.model_config", "--model-config": "npu.model_config", "--cards": "devices",
+        "--seq-length": "npu.sft", "--micro-batch": "npu.sft", "--grad-acc": "npu.sft", "--dtype": "npu.sft",
+        "--sharding-stage": "npu.parallel", "--sequence-parallel": "npu.parallel",
+        "--no-sequence-parallel": "npu.parallel", "--tp": "npu.parallel", "--sharding": "npu.parallel",
+        "--flash-attention": "npu.fused.use_flash_attention", "--no-flash-attention": "npu.fused.use_flash_attention"}
+
+
+def explain(loc: tuple) -> str | None:
+    rule, where, name = loc
+    if rule in ("pull_image", "build_image") or (where, name) == ("provenance", "--images"):
+        return "npu.image.build"
+    if where == "container":
+        return "runtime"
+    if where == "step":
+        if name.startswith(("source ", "atb=", "[ -n $atb ]")):
+            return "npu.ascend_env"
+        return "npu.inference_model" if name == "python -c import paddlenlp_ops" else None
+    if where == "runner":
+        return "npu.cpu_shims"
+    if where == "launch":
+        return "npu.device" if name in ("--devices", "--nproc_per_node") else None
+    if where == "plan":
+        return PLAN.get(name)
+    if where in ("preflight", "init-model", "merge", "plots"):  # --params keys and plain flags
+        return {"device": "npu.device", "devices": "devices", "runtime": "runtime",
+                "paddlenlp_checkout": "npu.paddlenlp_dir", "model_name_or_path": "npu.model_name_or_path",
+                "dtype": "npu.export", "--benchmarks": "npu.image.build"}.get(name) or (
+            "npu.model_name_or_path" if where == "init-model" else None)
+    if name == "--device":
+        return "npu.device"
+    if name in ("--inference_model", "--block_attn"):
+        return "npu.inference_model"
+    if name == "--model_name_or_path" and where in ("run_finetune.py", "tools/merge_lora_params.py"):
+        return "npu.model_name_or_path"  # export/predict read our own results paths on both
+    if where == "run_finetune.py":
+        return "npu.sft" if name in SFT_SIZES else "npu.parallel" if name in PARALLEL else (
+            f"npu.fused.{name[2:]}" if name in FUSED else None)
+    if where in ("predict/export_model.py", "predict/predictor.py"):
+        return {"--dtype": "npu.export", "--src_length": "npu.sft", "--batch_size": "npu.predict",
+                "--max_length": "npu.export" if where == "predict/export_model.py" else "npu.predict"}.get(name)
+    return None
+
+
+def locations(rule: str, command: str) -> dict:
+    """A command as {(rule, where, name): value}: its container, each step, each flag."""
+    cmd = parse(command)
+    out: dict = {(rule, "rule", ""): True}
+    if cmd.spec is not None:
+        out[(rule, "container", "")] = True
+    for step in cmd.steps or [cmd.argv]:
+        script = next((s for s in UPSTREAM_SCRIPTS if s in step), None)
+        if script:
+            head = step[:step.index(script)]
+            if "paddle.distributed.launch" in head:
+                at = head.index("paddle.distributed.launch") + 1
+                out.update({(rule, "launch", k): v for k, v in flags(head[at:]).items()})
+                head = head[:at]
+            out[(rule, "runner", script)] = " ".join(head)
+            out.update({(rule, script, k): v for k, v in flags(step[step.index(script) + 1:]).items()})
+        elif step[:1] == ["llamapipe"] or step[:3] == ["python", "-m", "llamapipe"]:
+            name = step[1] if step[0] == "llamapipe" else step[3]
+            for k, v in flags(step[step.index(name) + 1:]).items():
+                if k == "--params":
+                    out.update({(rule, name, p): json.dumps(pv) for p, pv in json.loads(v).items()})
+                elif k != "--config":  # provenance records the whole resolved config
+                    out[(rule, name, k)] = v
+        else:
+            out[(rule, "step", " ".join(step))] = True
+    return out
+
+
+def fake_checkout(root: Path) -> Path:
+    """The files the rehearsal checks for; enough for a dry-run (and scripts that write nothing)."""
+    for rel in rehearsal.CHECKOUT_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("print('this stand-in writes nothing')\n")
+    return root
+
+
+def dry_run_locations(project: Path, *config: str, env: dict | None = None) -> dict:
+    out = snakemake(project, "-n", "-p", "--config", "target=npu", *config, env=env).stdout
+    found: dict = {}
+    for rule, command in shell_commands(out).items():
+        found.update(locations(rule, command))
+    return found
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_rehearsal_commands_are_the_npu_commands_but_for_the_list(tmp_path, lora):
+    project = copy_project(tmp_path / "project")
+    checkout = fake_checkout(tmp_path / "PaddleNLP")
+    extra = ["--configfile", "lora.yaml"] if lora else []
+    (project / "lora.yaml").write_text("sft:\n  lora: true\n")
+    npu = dry_run_locations(project, *extra)
+    env = {rehearsal.CHECKOUT_ENV: str(checkout)}
+    text = snakemake(project, "-n", "-p", "--config", "target=npu", "rehearsal=cpu", *extra, env=env).stdout
+    # the checkout's location is itself a listed difference (npu.paddlenlp_dir): substitute it back
+    rehearsed: dict = {}
+    for rule, command in shell_commands(text.replace(str(checkout), "/opt/PaddleNLP")).items():
+        rehearsed.update(locations(rule, command))
+    differing = {loc for loc in set(npu) | set(rehearsed) if npu.get(loc) != rehearsed.get(loc)}
+    unexplained = sorted(loc for loc in differing if explain(loc) is None)
+    assert not unexplained, f"differences not on the rehearsal's list: {unexplained}"
+    listed = {d["key"] for d in rehearsal.describe(_resolved(project, checkout))}
+    used = {explain(loc) for loc in differing}
+    assert used <= listed, used - listed
+    assert listed == used, f"listed but changing nothing: {listed - used}"
+    assert "npu.paddlenlp_dir" in listed and str(checkout) in text
+    for line in ("rehearsal=cpu: the npu target on CPU", "npu.cpu_shims = true"):
+        assert line in text  # the dry-run prints the list
+
+
+def _resolved(project: Path, checkout: Path) -> dict:
+    from llamapipe.config import load
+
+    raw_path = project / "rehearsal.yaml"
+    import yaml
+
+    raw = yaml.safe_load((project / "config.yaml").read_text())
+    raw.update(target="npu", rehearsal="cpu", paddlenlp_src=str(checkout))
+    raw_path.write_text(yaml.safe_dump(raw))
+    return load(str(raw_path))
+
+
+def test_rehearsal_without_a_checkout_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv(rehearsal.CHECKOUT_ENV, raising=False)
+    project = copy_project(tmp_path / "project")
+    proc = snakemake(project, "-n", "--config", "target=npu", "rehearsal=cpu", check=False,
+                     env={rehearsal.CHECKOUT_ENV: ""})
+    assert proc.returncode != 0
+    assert f"set {rehearsal.CHECKOUT_ENV}=<dir>" in proc.stdout + proc.stderr
+    assert not (project / "results").exists()
+
+
+def test_a_directory_that_is_not_a_checkout_is_refused(tmp_path):
+    cfg = {"paddlenlp_src": str(tmp_path), "npu": {"image": {"paddlenlp_commit": "4711e147a",
+                                                             "paddlenlp_repo": "r"}}}
+    with pytest.raises(PipelineError, match="missing llm/run_finetune.py"):
+        rehearsal.checkout_dir(cfg)
+
+
+def test_rehearsal_needs_the_npu_target():
+    from llamapipe.config import resolve
+
+    with pytest.raises(PipelineError, match="use it with target=npu"):
+        resolve({"target": "cpu", "rehearsal": "cpu"})
+
+
+@pytest.mark.e2e
+def test_sft_that_writes_nothing_fails_its_rule_loudly(tmp_path):
+    """A run_finetune.py that exits 0 having saved nothing (the real launcher starts it)."""
+    project = copy_project(tmp_path / "project")
+    checkout = fake_checkout(tmp_path / "PaddleNLP")
+    proc = snakemake(project, "--cores", "2", "results/sft", "--config", "target=npu", "rehearsal=cpu",
+                     check=False, env={rehearsal.CHECKOUT_ENV: str(checkout)})
+    log = (project / "results/logs/sft.log").read_text()
+    assert proc.returncode != 0
+    assert "this stand-in writes nothing" in log  # upstream's step ran, through the launcher
+    assert "holds no final model" in log and "did training finish?" in log
+    assert not (project / "results/sft").exists()
+
+
+# --- end to end with upstream's own scripts ---------------------------------------------------
+
+SHORT = ("sft:\n  max_steps: 300\n  save_steps: 100\n  warmup_steps: 30\n"
+         "predict:\n  limit: null\n")
+
+
+def _rehearse(project: Path, *config: str) -> None:
+    (project / "short.yaml").write_text(SHORT)
+    snakemake(project, "--cores", "2", "--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu",
+              *config, timeout=1800)
+
+
+def _check_run(project: Path, lora: bool) -> None:
+    results = project / "results"
+    upstream = [json.loads(x) for x in (results / "predictions.json.upstream.jsonl").read_text().splitlines()]
+    predictions = json.loads((results / "predictions.json").read_text())
+    dev = [json.loads(x) for x in (results / "data/dev.json").read_text().splitlines()]
+    # predictions.json is upstream's predictor output, record for record
+    assert [p["prediction"] for p in predictions] == [u["output"] for u in upstream]
+    assert [p["src"] for p in predictions] == [d["src"] for d in dev]
+    assert sum(bool(p["prediction"].strip()) for p in predictions) >= len(predictions) // 2
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["samples"] == len(dev) and metrics["rouge-l"] > 0
+    log = [json.loads(x) for x in (results / "sft/train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 301))  # one loss per step from the worker log
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    assert (results / "wheels").is_dir() and list((results / "wheels").glob("paddlenlp_ops-*.whl"))
+    launch_log = (results / "logs/sft.log").read_text()
+    assert "run_finetune.py" in launch_log and ("'lora', 'true'" in launch_log) == lora
+    prov = json.loads((results / "provenance.json").read_text())
+    keys = {d["key"] for d in prov["rehearsal"]["differences"]}
+    assert {"npu.device", "npu.cpu_shims", "npu.inference_model"} <= keys
+    assert (results / "inference/model.pdiparams").stat().st_size > 0
+    merged_config = json.loads((results / "merged/config.json").read_text())
+    assert merged_config["pad_token_id"] == 0 and merged_config["use_cache"] is False  # the guide's fix-up
+
+
+@pytest.mark.e2e
+@needs_checkout
+def test_rehearsal_full_sft_end_to_end_with_upstream_scripts(tmp_path):
+    project = copy_project(tmp_path / "project")
+    _rehearse(project)
+    _check_run(project, lora=False)
+
+
+@pytest.mark.e2e
+@needs_checkout
+def test_rehearsal_lora_end_to_end_with_upstream_merge(tmp_path):
+    project = copy_project(tmp_path / "project")
+    (project / "lora.yaml").write_text("sft:\n  lora: true\n  learning_rate: 1.0e-2\n")
+    _rehearse(project, "--configfile", "lora.yaml")
+    _check_run(project, lora=True)
+    merge_log = (project / "results/logs/merge.log").read_text()
+    assert "Begin to save merged model" in merge_log  # upstream's tools/merge_lora_params.py ran
+    assert not (project / "results/merged.lora").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.container
+@needs_checkout
+def test_rehearsal_in_the_cpu_stage_image(tmp_path, docker_engine, cpu_image):
+    project = copy_project(tmp_path / "project")
+    checkout = tmp_path / "PaddleNLP"
+    shutil.copytree(CHECKOUT, checkout)  # a copy the test may make read-only-owned
+    env = {"DOCKER_HOST": docker_engine, rehearsal.CHECKOUT_ENV: str(checkout)}
+    (project / "short.yaml").write_text(SHORT)
+    snakemake(project, "--cores", "2", "--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu",
+              "runtime=container", f"container={{image: {cpu_image}}}", env=env, timeout=2400)
+    _check_run(project, lora=False)
+    sft = parse(shell_commands(snakemake(project, "-n", "-p", "-F", "results/sft", "--configfile", "short.yaml",
+                                         "--config", "target=npu", "rehearsal=cpu", "runtime=container",
+                                         f"container={{image: {cpu_image}}}", env=env).stdout)["sft"])
+    assert {"source": str(checkout), "target": "/opt/PaddleNLP", "read_only": True} in sft.spec["mounts"]
+    assert sft.spec["devices"] == [] and sft.spec["image"] == cpu_image
