@@ -11,9 +11,16 @@ the same prompts with the same max_new_tokens, in one process with OMP_NUM_THREA
 - static: llamapipe.stages.predict.StaticGreedyPredictor as the predict stage runs it
   (paddle.inference, oneDNN on, inplace_pass deleted);
 - static_no_onednn: the same exported graph with config.disable_mkldnn() (the investigation);
-- dygraph: the merged model's generate(decode_strategy="greedy_search"), KV cache on.
+- dygraph: the merged model's generate(decode_strategy="greedy_search"), KV cache on;
+- upstream (with --upstream-inference DIR and LLAMAPIPE_PADDLENLP_SRC): PaddleNLP's own
+  llm/predict/predictor.py StaticGraphPredictor (create_predictor, --mode static, greedy) on the
+  graph upstream's export_model.py wrote (a rehearsal's results/inference), as the rehearsal
+  runs it (llamapipe.cpu_shims: inplace_pass deleted). Same prompts, src_length, max new tokens.
 Generated tokens are counted per row up to and including eos; every contender's tokens are
 checked against dygraph's (identical_tokens).
+
+    LLAMAPIPE_PADDLENLP_SRC=../PaddleNLP .venv/bin/python bench/inference_speed.py \
+        --results <rehearsal>/results --upstream-inference <rehearsal>/results/inference --modes static,dygraph,upstream
 """
 
 from __future__ import annotations
@@ -25,14 +32,34 @@ from pathlib import Path
 
 import _common as C
 
-MODES = ("static", "static_no_onednn", "dygraph")
+MODES = ("static", "static_no_onednn", "dygraph", "upstream")
+
+
+def trimmed(ids, eos: int) -> list:
+    """Each row's generated ids up to and including eos (what was really generated)."""
+    rows = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 def count_tokens(ids, eos: int) -> int:
-    n = 0
-    for row in ids.tolist():
-        n += row.index(eos) + 1 if eos in row else len(row)
-    return n
+    return sum(len(row) for row in trimmed(ids, eos))
+
+
+def upstream_predictors(a, batches: list, src_length: int) -> dict:
+    """PaddleNLP's own static predictor, one per batch size (its config carries the batch size)."""
+    import os
+
+    src = os.environ["LLAMAPIPE_PADDLENLP_SRC"]
+    sys.path[:0] = [src, f"{src}/llm", f"{src}/llm/devices"]
+    from llamapipe.cpu_shims import predictor_without_inplace_pass
+
+    predictor_without_inplace_pass()
+    from llm.predict.predictor import ModelArgument, PredictorArgument, create_predictor
+
+    return {bs: create_predictor(PredictorArgument(
+        model_name_or_path=a.upstream_inference, dtype="float32", mode="static", device="cpu", batch_size=bs,
+        src_length=src_length, max_length=a.max_new_tokens, decode_strategy="greedy_search"), ModelArgument())
+        for bs in batches}
 
 
 def worker(a) -> dict:
@@ -72,6 +99,9 @@ def worker(a) -> dict:
            "dygraph": dygraph}
     modes = [m for m in MODES if m in a.modes.split(",")]
     batches = [int(b) for b in a.batches.split(",")]
+    if "upstream" in modes:
+        ups = upstream_predictors(a, batches, src_length)
+        fns["upstream"] = lambda b: ups[len(b) if len(b) in ups else max(ups)].predict(b, return_tokens=True)[1]
 
     def one_pass(mode, bs):
         outs, start = [], time.perf_counter()
@@ -84,7 +114,7 @@ def worker(a) -> dict:
         warm = {}
         for m in modes:  # first call per shape: graph/kernels/oneDNN primitives, timed apart
             warm[m] = one_pass(m, bs)
-        ref = [o.tolist() for o in warm["dygraph"][1]] if "dygraph" in warm else None
+        ref = [trimmed(o, eos) for o in warm["dygraph"][1]] if "dygraph" in warm else None
         rounds: dict[str, list[float]] = {m: [] for m in modes}
         tokens = {m: sum(count_tokens(o, eos) for o in warm[m][1]) for m in modes}
         for r in range(a.runs):
@@ -92,7 +122,7 @@ def worker(a) -> dict:
                 rounds[m].append(one_pass(m, bs)[0])
         result["batches"][str(bs)] = {
             m: {"first_call_seconds": round(warm[m][0], 3), "seconds": rounds[m], "tokens": tokens[m],
-                "identical_tokens": None if ref is None else [o.tolist() for o in warm[m][1]] == ref}
+                "identical_tokens": None if ref is None else [trimmed(o, eos) for o in warm[m][1]] == ref}
             for m in modes
         }
     result["decode_steps_per_batch"] = {
@@ -106,7 +136,7 @@ def worker_main(argv: list[str]) -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
-    for flag in ("--inference", "--merged", "--dev", "--result", "--modes", "--batches"):
+    for flag in ("--inference", "--merged", "--dev", "--result", "--modes", "--batches", "--upstream-inference"):
         ap.add_argument(flag)
     for flag in ("--prompts", "--max-new-tokens", "--runs", "--threads"):
         ap.add_argument(flag, type=int)
@@ -120,7 +150,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: config.yaml predict.max_new_tokens")
     ap.add_argument("--sft-steps", type=int, default=None, help="default: config.yaml sft.max_steps")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default="static,static_no_onednn,dygraph")
+    ap.add_argument("--upstream-inference", help="upstream export_model.py's output (a rehearsal's results/inference)")
     ap.add_argument("--batches", default="1,8")
     args = ap.parse_args(argv)
     cfg = C.load_config()
@@ -145,6 +176,7 @@ def main(argv=None) -> dict:
             "--worker", "--inference", str(paths["inference"]), "--merged", str(paths["merged"]),
             "--dev", str(paths["dev"]), "--prompts", str(prompts), "--max-new-tokens", str(max_new),
             "--runs", str(runs), "--threads", str(args.threads), "--modes", args.modes, "--batches", args.batches,
+            *(["--upstream-inference", str(Path(args.upstream_inference).resolve())] if args.upstream_inference else []),
         ], C.thread_env(args.threads), work / "logs/inference_worker.log")
     result.update({k: raw[k] for k in ("prompts", "max_new_tokens", "decode_steps_per_batch")})
     table: dict = {}

@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+from ci_policy import unavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -234,11 +236,11 @@ def docker_engine(tmp_path_factory):
                 engine, proc = start_engine(base, data_root, cache_dir, driver)
                 break
             except FileNotFoundError as exc:
-                pytest.skip(f"no Docker engine for the container tests: {exc}")
+                unavailable(f"no Docker engine for the container tests: {exc}")
             except (RuntimeError, ImportError) as exc:
                 failures.append(f"--storage-driver={driver}: {exc}")
         else:
-            pytest.skip("no Docker engine for the container tests: " + "\n".join(failures))
+            unavailable("no Docker engine for the container tests: " + "\n".join(failures))
         print(f"[docker engine] dockerd {engine.host} storage driver {driver}, data-root {data_root}", flush=True)
         if cache_dir is not None:
             (cache_dir / "dockerd.pid").write_text(f"{proc.pid}\n")
@@ -269,7 +271,7 @@ def _ensure(engine: DockerEngine, which: str) -> dict:
     try:
         result = ensure(engine.client, cache, log=lambda msg: print(f"[{which} image] {msg}", flush=True))
     except tool.MissingTool as exc:
-        pytest.skip(f"cannot build the {which} test image: {exc}")
+        unavailable(f"cannot build the {which} test image: {exc}")
     except tool.BuildError as exc:
         pytest.fail(f"building the {which} test image failed: {exc}")
     if result.get("built"):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ci_policy import unavailable
 from llamapipe.errors import PipelineError
 from llamapipe.runners.container import (
     LABEL_PROJECT,
@@ -233,7 +234,7 @@ def test_device_nodes_mapped_fake_devices_no_ascend_hardware(docker_engine, base
         for name in ["davinci0", "davinci1", *NPU_CONTROL_DEVICES]:
             os.mknod(dev / name, 0o666 | 0o020000, os.makedev(1, 3))
     except PermissionError as exc:
-        pytest.skip(f"cannot create device nodes here: {exc}")
+        unavailable(f"cannot create device nodes here: {exc}")
     root = _fake_driver_root(tmp_path / "host")
     devices = npu_devices([0, 1], dev_root=str(dev))
     spec = _spec(base_image, devices=devices, mounts=npu_driver_mounts(root=str(root)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -197,14 +198,14 @@ def test_sft_that_writes_nothing_fails_its_rule_loudly(tmp_path):
 
 # --- end to end with upstream's own scripts ---------------------------------------------------
 
-SHORT = ("sft:\n  max_steps: 300\n  save_steps: 100\n  warmup_steps: 30\n"
-         "predict:\n  limit: null\n")
+SHORT = "predict:\n  limit: null\nsft:\n  max_steps: 300\n  save_steps: 100\n  warmup_steps: 30\n"
 
 
-def _rehearse(project: Path, *config: str) -> None:
-    (project / "short.yaml").write_text(SHORT)
+def _rehearse(project: Path, extra_yaml: str = "") -> None:
+    # one file: a second --configfile replaces the first (argparse), it does not add to it
+    (project / "short.yaml").write_text(SHORT + extra_yaml)
     snakemake(project, "--cores", "2", "--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu",
-              *config, timeout=1800)
+              timeout=1800)
 
 
 def _check_run(project: Path, lora: bool) -> None:
@@ -244,8 +245,7 @@ def test_rehearsal_full_sft_end_to_end_with_upstream_scripts(tmp_path):
 @needs_checkout
 def test_rehearsal_lora_end_to_end_with_upstream_merge(tmp_path):
     project = copy_project(tmp_path / "project")
-    (project / "lora.yaml").write_text("sft:\n  lora: true\n  learning_rate: 1.0e-2\n")
-    _rehearse(project, "--configfile", "lora.yaml")
+    _rehearse(project, "  lora: true\n  learning_rate: 1.0e-2\n")  # more keys of SHORT's sft section
     _check_run(project, lora=True)
     merge_log = (project / "results/logs/merge.log").read_text()
     assert "Begin to save merged model" in merge_log  # upstream's tools/merge_lora_params.py ran
@@ -259,13 +259,26 @@ def test_rehearsal_in_the_cpu_stage_image(tmp_path, docker_engine, cpu_image):
     project = copy_project(tmp_path / "project")
     checkout = tmp_path / "PaddleNLP"
     shutil.copytree(CHECKOUT, checkout)  # a copy the test may make read-only-owned
-    env = {"DOCKER_HOST": docker_engine, rehearsal.CHECKOUT_ENV: str(checkout)}
+    env = docker_engine.env(**{rehearsal.CHECKOUT_ENV: str(checkout)})
     (project / "short.yaml").write_text(SHORT)
-    snakemake(project, "--cores", "2", "--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu",
-              "runtime=container", f"container={{image: {cpu_image}}}", env=env, timeout=2400)
+    args = ["--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu", "runtime=container"]
+    snakemake(project, "--cores", "2", *args, env=env, timeout=2400)
     _check_run(project, lora=False)
-    sft = parse(shell_commands(snakemake(project, "-n", "-p", "-F", "results/sft", "--configfile", "short.yaml",
-                                         "--config", "target=npu", "rehearsal=cpu", "runtime=container",
-                                         f"container={{image: {cpu_image}}}", env=env).stdout)["sft"])
+    sft = parse(shell_commands(snakemake(project, "-n", "-p", "-F", "results/sft", *args, env=env).stdout)["sft"])
     assert {"source": str(checkout), "target": "/opt/PaddleNLP", "read_only": True} in sft.spec["mounts"]
     assert sft.spec["devices"] == [] and sft.spec["image"] == cpu_image
+    assert not docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"})
+
+
+def test_every_dry_run_command_in_the_readme_runs_as_written(tmp_path):
+    """The README's snakemake dry-runs (the NPU one failed on Snakemake 9 with its targets after
+    --config), run verbatim in a fresh copy."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    lines = [ln.split("#")[0].strip() for ln in readme.splitlines() if ln.startswith("snakemake -n")]
+    assert len(lines) >= 2
+    project = copy_project(tmp_path / "project")
+    for line in lines:
+        argv = shlex.split(line)
+        snakemake(project, *argv[1:])
