@@ -58,6 +58,46 @@ UPSTREAM_LORA_CHANGES = {
 }
 OURS_LORA = {"--model_name_or_path": ("meta-llama/Llama-2-13b", "npu.model_name_or_path: one base model for "
                                                                 "both scripts")}
+# llama_npu_ppt_N1C8.sh; its bare flags (--do_train, --bf16, --amp_master_grad, --unified_checkpoint)
+# are true to PdArgumentParser.
+UPSTREAM_PPT = {
+    "--model_name_or_path": "meta-llama/Llama-2-13b", "--tokenizer_name_or_path": "meta-llama/Llama-2-13b",
+    "--input_dir": "./pre-data", "--output_dir": "./output", "--split": "949,50,1", "--max_seq_length": "4096",
+    "--per_device_train_batch_size": "2", "--gradient_accumulation_steps": "32", "--per_device_eval_batch_size": "1",
+    "--use_flash_attention": "1", "--use_fused_rms_norm": "1", "--virtual_pp_degree": "1",
+    "--learning_rate": "0.00001", "--min_learning_rate": "0.000001", "--max_steps": "2000", "--save_steps": "2000",
+    "--seed": "100", "--warmup_steps": "20", "--max_grad_norm": "1.0", "--logging_steps": "1",
+    "--dataloader_num_workers": "1", "--eval_steps": "1001", "--tensor_parallel_degree": "4",
+    "--disable_tqdm": "true", "--continue_training": "0", "--do_train": "true", "--device": "npu",
+    "--enable_linear_fused_grad_add": "false", "--fuse_attention_qkv": "true", "--fuse_attention_ffn": "true",
+    "--use_fused_rope": "true", "--recompute_use_reentrant": "true", "--data_cache": "./data_cache",
+    "--bf16": "true", "--fp16_opt_level": "O2", "--amp_master_grad": "true", "--load_sharded_model": "true",
+    "--save_sharded_model": "true", "--pipeline_parallel_degree": "1", "--ignore_data_skip": "0",
+    "--force_reshard_pp": "true", "--unified_checkpoint": "true",
+    "--tensor_parallel_config": "enable_mp_async_allreduce enable_mp_skip_c_identity", "--sequence_parallel": "1",
+    "--pipeline_parallel_config": "disable_partial_send_recv", "--sharding": "stage1",
+    "--sharding_parallel_degree": "2",
+}
+OURS_PPT = {
+    "--input_dir": (f"{P}/data/pretrain", "npu.pretrain.input_dir, relative to the project (not llm/)"),
+    "--output_dir": (f"{P}/results/checkpoints/sft", "the training stage's resumable checkpoint directory"),
+    "--data_cache": (f"{P}/results/cache/pretrain_data", "upstream's ./data_cache lands in the (root-owned) "
+                                                          "checkout"),
+    "--gradient_accumulation_steps": ("64", "npu.sft, shared with SFT (the ppt script has 32)"),
+    "--learning_rate": ("3e-06", "npu.sft.learning_rate (the ppt script has 1e-5)"),
+    "--max_steps": ("100", "npu.sft.max_steps (the ppt script has 2000)"),
+    "--save_steps": ("10", "checkpoint within the run"),
+    "--save_total_limit": ("2", "bounded checkpoints"),
+    "--seed": ("42", "config seed (the ppt script has 100)"),
+    "--tensor_parallel_degree": ("8", "npu.parallel (the ppt script runs tp 4 x sharding 2)"),
+    "--sharding_parallel_degree": ("1", "npu.parallel"),
+    "--fp16": ("false", "spelled out with bf16"),
+    "--recompute": ("false", "npu.parallel.recompute, spelled out"),
+    "--report_to": ("none", "as for SFT"),
+}
+UPSTREAM_PPT_LAUNCH = {"--log_dir": "./ppt_bf16_llama_N1C8"}
+OURS_PPT_LAUNCH = {**OURS_LAUNCH, "--devices": ("0,1,2,3,4,5,6,7", "the cards, as for SFT (upstream relies on "
+                                                                     "ASCEND_RT_VISIBLE_DEVICES alone)")}
 # export_npu.sh / predict_npu.sh
 UPSTREAM_EXPORT = {"--model_name_or_path": "<src_path>", "--inference_model": None, "--output_path": "<dst_path>",
                    "--dtype": "float16", "--device": "npu", "--block_attn": None}
@@ -100,7 +140,7 @@ BOOL_FLAGS = {"--zero_padding", "--sequence_parallel", "--use_flash_attention", 
 
 
 def expected(upstream: dict, ours: dict, project) -> dict:
-    out = {k: {"1": "true", "0": "false"}[v] if k in BOOL_FLAGS else v for k, v in upstream.items()}
+    out = {k: {"1": "true", "0": "false"}.get(v, v) if k in BOOL_FLAGS else v for k, v in upstream.items()}
     for flag, (value, _why) in ours.items():
         if value is None:
             out.pop(flag, None)
@@ -116,7 +156,12 @@ def npu_dry(tmp_path_factory):
     (project / "lora.yaml").write_text("sft:\n  lora: true\n")
     lora = shell_commands(snakemake(project, "-n", "-p", "results/metrics.json", "--config", "target=npu",
                                     "--configfile", "lora.yaml").stdout)
-    return project.resolve(), {k: parse(v) for k, v in full.items()}, {k: parse(v) for k, v in lora.items()}
+    (project / "ppt.yaml").write_text("npu:\n  pretrain:\n    enabled: true\n")
+    ppt = shell_commands(snakemake(project, "-n", "-p", "results/sft", "--config", "target=npu",
+                                   "--configfile", "ppt.yaml").stdout)
+    cmds = {k: parse(v) for k, v in full.items()}
+    cmds["pretrain"] = parse(ppt["sft"])
+    return project.resolve(), cmds, {k: parse(v) for k, v in lora.items()}
 
 
 def test_sft_is_upstreams_n1c8_script_plus_the_listed_differences(npu_dry):
@@ -127,9 +172,18 @@ def test_sft_is_upstreams_n1c8_script_plus_the_listed_differences(npu_dry):
     assert head == ["python", "-u", "-m", "paddle.distributed.launch"]
     assert launch == expected(UPSTREAM_SFT_LAUNCH, OURS_LAUNCH, project)
     assert script_flags(step, "run_finetune.py") == expected(UPSTREAM_SFT, OURS_SFT, project)
-    assert sft.steps == ASCEND_PRELUDE + CHECKOUT_PRELUDE + [step, [
+    assert sft.steps == ASCEND_PRELUDE + CHECKOUT_PRELUDE + [["export", "FLAG_LLM_PDC=True"], step, [
         "python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", f"{project}/results/checkpoints/sft",
         "--launch-logs", f"{project}/results/logs/sft_launch", "--out", f"{project}/results/sft"]]
+
+
+def test_pretrain_is_upstreams_ppt_script_plus_the_listed_differences(npu_dry):
+    project, cmds, _ = npu_dry
+    step = find_step(cmds["pretrain"], "run_pretrain.py")
+    head, launch = launcher(step, "run_pretrain.py")
+    assert head == ["python", "-u", "-m", "paddle.distributed.launch"]
+    assert launch == expected(UPSTREAM_PPT_LAUNCH, OURS_PPT_LAUNCH, project)
+    assert script_flags(step, "run_pretrain.py") == expected(UPSTREAM_PPT, OURS_PPT, project)
 
 
 def test_lora_is_upstreams_lora_script_plus_the_listed_differences(npu_dry):

@@ -119,6 +119,7 @@ def test_pretrain_switch_runs_run_pretrain():
     cfg = resolve(_cfg(pretrain={"enabled": True, "input_dir": "data/pre", "split": "949,50,1"}))
     cmd = commands.stage_command("sft", cfg, {"data": "results/data", "sft": "results/sft",
                                               "base_model": "results/model/base",
+                                              "pretrain_data_cache": "results/cache/pretrain_data",
                                               "sft_checkpoints": "results/checkpoints/sft",
                                               "sft_launch_logs": "results/logs/sft_launch"}, "/p", ["llamapipe", "sft"])
     argv = shlex.split(shlex.split(cmd)[-1].split("; ")[-2])  # the launch step of the bash -c script

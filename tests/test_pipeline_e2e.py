@@ -241,7 +241,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
     runner = subprocess.Popen([*SNAKEMAKE, *args], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckpts = project / "results/checkpoints/sft"
     deadline = time.time() + 600
-    while not (ckpts / "checkpoint-100").exists():
+    while not (ckpts / "checkpoint-100/.checkpoint_done").exists():  # a complete checkpoint
         assert runner.poll() is None, runner.stdout.read().decode()[-3000:]
         assert time.time() < deadline
         time.sleep(0.2)
@@ -262,6 +262,45 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
     steps = [json.loads(x)["step"] for x in (project / "results/sft/train_log.jsonl").read_text().splitlines()]
     loss_steps = steps[:-1]  # the last entry is the end-of-training summary
     assert loss_steps == list(range(1, 401))  # log cut back to the checkpoint, no duplicates or gaps
+
+
+CRASH_ON_SAVE = """\
+# Test hook: SIGKILL this process when it opens CRASH_ON_SAVE (a path fragment) for writing:
+# a crash in the middle of a checkpoint save, the optimizer state not yet written.
+import builtins, os, signal
+_open, _where = builtins.open, os.environ.get("CRASH_ON_SAVE")
+def _crashing_open(file, mode="r", *args, **kwargs):
+    if _where and _where in str(file) and ("w" in mode or "a" in mode):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _open(file, mode, *args, **kwargs)
+builtins.open = _crashing_open
+"""
+
+
+def test_a_kill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_path):
+    from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+
+    project = copy_project(tmp_path / "save-crash")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASH_ON_SAVE)
+    (project / "overlay.yaml").write_text("sft:\n  max_steps: 60\n  save_steps: 20\n")
+    args = ["results/sft", "--cores", "2", "--configfile", "overlay.yaml"]
+    crash = {"PYTHONPATH": str(hook), "CRASH_ON_SAVE": "checkpoint-40/optimizer"}
+    proc = snakemake(project, *args, check=False, env=crash)
+    assert proc.returncode != 0
+    ckpts = project / "results/checkpoints/sft"
+    broken = ckpts / "checkpoint-40"
+    assert broken.is_dir() and not (broken / ".checkpoint_done").exists()  # the save was cut short
+    assert (ckpts / "checkpoint-20/.checkpoint_done").exists()
+    os.environ.pop("FLAG_LLM_PDC", None)
+    assert get_last_checkpoint(str(ckpts)) == str(broken)  # what PaddleNLP would resume by default
+
+    snakemake(project, *args)
+    summary = _json(project / "results/sft/train_summary.json")
+    assert summary["resumed_from"].endswith("checkpoint-20") and summary["global_step"] == 60
+    steps = [json.loads(x)["step"] for x in (project / "results/sft/train_log.jsonl").read_text().splitlines()]
+    assert steps[:-1] == list(range(1, 61))
 
 
 def test_lora_switch_trains_adapters_and_merge_folds_them(tmp_path):

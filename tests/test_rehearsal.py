@@ -224,7 +224,7 @@ def _check_run(project: Path, lora: bool) -> None:
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     assert (results / "wheels").is_dir() and list((results / "wheels").glob("paddlenlp_ops-*.whl"))
     launch_log = (results / "logs/sft.log").read_text()
-    assert "run_finetune.py" in launch_log and ("'lora', 'true'" in launch_log) == lora
+    assert "run_finetune.py" in launch_log and ("'--lora', 'true'" in launch_log) == lora
     prov = json.loads((results / "provenance.json").read_text())
     keys = {d["key"] for d in prov["rehearsal"]["differences"]}
     assert {"npu.device", "npu.cpu_shims", "npu.inference_model"} <= keys

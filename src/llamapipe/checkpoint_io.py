@@ -21,6 +21,11 @@ import numpy as np
 from llamapipe.errors import PipelineError
 
 MERGED_WEIGHTS = "model_state.pdparams"
+# PaddleNLP's own checkpoint-integrity switch: with it the Trainer writes `.checkpoint_done` as the
+# last file of every checkpoint-N, and get_last_checkpoint resumes from the newest *complete* one
+# (without it, a kill during a save leaves a newest checkpoint that every rerun fails to load).
+COMPLETE_CHECKPOINTS_ENV = {"FLAG_LLM_PDC": "True"}
+CHECKPOINT_DONE = ".checkpoint_done"
 BASE_MODEL_POINTER = "base_model.json"  # npu: names the hub model whose weights are not stored here
 TP_SHARD = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
 

@@ -15,7 +15,7 @@ import os
 import shlex
 from typing import Any
 
-from llamapipe import upstream_npu
+from llamapipe import checkpoint_io, upstream_npu
 from llamapipe.config import visible_cards
 from llamapipe.runners.container import NPU_CONTROL_DEVICES, NPU_DRIVER_PATHS, project_id
 
@@ -158,14 +158,18 @@ def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]
     model = _model(cfg, paths, project)
     if cfg["npu"]["pretrain"]["enabled"]:
         input_dir = _abs(project, cfg["npu"]["pretrain"]["input_dir"])  # the project's, not llm/'s
-        script, args = "run_pretrain.py", upstream_npu.pretrain_args(cfg, model, input_dir, out)
+        cache = _abs(project, paths["pretrain_data_cache"])  # upstream's ./data_cache: inside the checkout
+        script, args = "run_pretrain.py", upstream_npu.pretrain_args(cfg, model, input_dir, out, cache)
     else:
         script, args = "run_finetune.py", upstream_npu.finetune_args(cfg, model, _abs(project, paths["data"]), out)
     launch_logs = _abs(project, paths["sft_launch_logs"])
     launch = upstream_npu.launch_argv(cfg, script, launch_logs)
+    # upstream's checkpoint integrity: `.checkpoint_done` last in each checkpoint, and a rerun
+    # resumes from the newest complete one (a kill during a save must not poison the resume)
+    resume = [f"export {k}={v}" for k, v in checkpoint_io.COMPLETE_CHECKPOINTS_ENV.items()]
     collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--launch-logs", launch_logs,
                "--out", _abs(project, paths["sft"])]
-    return _npu_script(cfg, [shlex.join(launch + args), shlex.join(collect)])
+    return _npu_script(cfg, [*resume, shlex.join(launch + args), shlex.join(collect)])
 
 
 def _npu_merge(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:

@@ -98,12 +98,31 @@ def finetune_args(cfg: dict, model: str, data_dir: str, output_dir: str) -> list
     return _args(pairs)
 
 
-def pretrain_args(cfg: dict, model: str, input_dir: str, output_dir: str) -> list[str]:
-    """run_pretrain.py arguments: llama_npu_ppt_N1C8.sh."""
+# llama_npu_ppt_N1C8.sh's settings that no config knob carries: passed as the script has them.
+PRETRAIN_FIXED = (
+    ("per_device_eval_batch_size", 1),
+    ("virtual_pp_degree", 1),
+    ("min_learning_rate", "0.000001"),
+    ("max_grad_norm", "1.0"),
+    ("dataloader_num_workers", 1),
+    ("eval_steps", 1001),
+    ("continue_training", 0),
+    ("enable_linear_fused_grad_add", False),
+    ("recompute_use_reentrant", True),
+    ("load_sharded_model", True),
+    ("save_sharded_model", True),
+    ("ignore_data_skip", 0),
+    ("force_reshard_pp", True),
+    ("tensor_parallel_config", "enable_mp_async_allreduce enable_mp_skip_c_identity"),
+    ("pipeline_parallel_config", "disable_partial_send_recv"),
+)
+
+
+def pretrain_args(cfg: dict, model: str, input_dir: str, output_dir: str, data_cache: str) -> list[str]:
+    """run_pretrain.py arguments: llama_npu_ppt_N1C8.sh (sizes, degrees and fused ops from config)."""
     sft, npu = cfg["sft"], cfg["npu"]
     par, fused, ppt = npu["parallel"], npu["fused"], npu["pretrain"]
     return _args([
-        ("device", npu["device"]),
         ("model_name_or_path", model),
         ("tokenizer_name_or_path", model),
         ("input_dir", input_dir),
@@ -112,29 +131,35 @@ def pretrain_args(cfg: dict, model: str, input_dir: str, output_dir: str) -> lis
         ("max_seq_length", sft["max_length"]),
         ("per_device_train_batch_size", sft["per_device_train_batch_size"]),
         ("gradient_accumulation_steps", sft["gradient_accumulation_steps"]),
+        ("use_flash_attention", fused["use_flash_attention"]),
+        ("use_fused_rms_norm", fused["use_fused_rms_norm"]),
         ("learning_rate", sft["learning_rate"]),
         ("max_steps", sft["max_steps"]),
         ("save_steps", sft["save_steps"]),
+        ("save_total_limit", sft["save_total_limit"]),
+        ("seed", cfg["seed"]),
         ("warmup_steps", sft["warmup_steps"]),
         ("logging_steps", sft["logging_steps"]),
-        ("seed", cfg["seed"]),
-        ("do_train", True),
+        ("tensor_parallel_degree", par["tensor_parallel_degree"]),
         ("disable_tqdm", True),
-        ("bf16", sft["dtype"] == "bfloat16"),
-        ("fp16_opt_level", fused["fp16_opt_level"]),
-        ("amp_master_grad", fused["amp_master_grad"]),
-        ("use_flash_attention", fused["use_flash_attention"]),
-        ("use_fused_rms_norm", fused["use_fused_rms_norm"]),
-        ("use_fused_rope", fused["use_fused_rope"]),
+        ("do_train", True),
+        ("device", npu["device"]),
         ("fuse_attention_qkv", fused["fuse_attention_qkv"]),
         ("fuse_attention_ffn", fused["fuse_attention_ffn"]),
-        ("tensor_parallel_degree", par["tensor_parallel_degree"]),
+        ("use_fused_rope", fused["use_fused_rope"]),
+        ("data_cache", data_cache),
+        ("bf16", sft["dtype"] == "bfloat16"),
+        ("fp16", sft["dtype"] == "float16"),
+        ("fp16_opt_level", fused["fp16_opt_level"]),
+        ("amp_master_grad", fused["amp_master_grad"]),
         ("pipeline_parallel_degree", par["pipeline_parallel_degree"]),
-        ("sharding_parallel_degree", par["sharding_parallel_degree"]),
-        ("sharding", par["sharding"]),
-        ("sequence_parallel", par["sequence_parallel"]),
         ("unified_checkpoint", True),
+        ("sequence_parallel", par["sequence_parallel"]),
+        ("sharding", par["sharding"]),
+        ("sharding_parallel_degree", par["sharding_parallel_degree"]),
+        ("recompute", par["recompute"]),
         ("report_to", npu["report_to"]),
+        *PRETRAIN_FIXED,
     ])
 
 

@@ -58,6 +58,7 @@ PATHS = {
     # job, and these are what a rerun resumes from.
     "sft_checkpoints": f"{RESULTS}/checkpoints/sft",
     "sft_launch_logs": f"{RESULTS}/logs/sft_launch",
+    "pretrain_data_cache": f"{RESULTS}/cache/pretrain_data",
     "merged": f"{RESULTS}/merged",
     "inference": f"{RESULTS}/inference",
     "predictions": f"{RESULTS}/predictions.json",

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamapipe import checkpoint_io
 from llamapipe.atomic import atomic_dir, write_json
 from llamapipe.hashing import sha256_file, sha256_json
 from llamapipe.tokenizer_io import encode_example, load_tokenizer
@@ -55,6 +56,7 @@ def fingerprint(params: dict[str, Any], train_file: str, base_dir: str, seed: in
 
 def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str]) -> str | None:
     """Return the checkpoint to resume from, or None; set aside checkpoints of a different run."""
+    os.environ.update(checkpoint_io.COMPLETE_CHECKPOINTS_ENV)
     from paddlenlp.trainer.trainer_utils import get_last_checkpoint
 
     fp_file = ckpt_dir / "fingerprint.json"
