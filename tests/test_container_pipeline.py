@@ -47,3 +47,29 @@ def test_container_overhead_bench_quick(docker_engine, cpu_image, monkeypatch): 
     result = module.main(["--quick"])
     assert set(result) == {"python -c pass", "evaluate stage"}
     assert all(r["container_s"]["runs"] == 1 for r in result.values())
+
+
+def test_interrupted_snakemake_leaves_no_container(tmp_path, docker_engine, cpu_image):  # noqa: F811
+    """Ctrl-C on a containerized run: Snakemake stops its jobs, each runner stops its container."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import SNAKEMAKE
+
+    project = copy_project(tmp_path / "project")
+    (project / "long.yaml").write_text("sft:\n  max_steps: 100000\n")
+    proc = subprocess.Popen([*SNAKEMAKE, "results/sft", "--cores", "2", "--configfile", "long.yaml", "--config",
+                             "runtime=container"], cwd=project, env=docker_engine.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ours = {"label": "llamapipe.rule=sft"}
+    deadline = time.time() + 900
+    while not (project / "results/checkpoints/sft").exists():  # sft's container is training
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert docker_engine.client.containers.list(filters=ours)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"}) == []

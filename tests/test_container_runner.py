@@ -467,3 +467,23 @@ def test_cpu_image_runs_paddle_and_the_mounted_project(docker_engine, cpu_image,
                             out=out, client=docker_engine.client)
     assert code == 0, out.getvalue().decode(errors="replace")
     assert out.getvalue().decode().strip().splitlines()[-1] == "3.0.0"
+
+
+def test_sigkilled_runner_leaves_a_container_the_rerun_removes(docker_engine, base_image, tmp_path):
+    """A runner killed with SIGKILL cannot stop its container; the next run of that rule must."""
+    client = docker_engine.client
+    spec = _spec(base_image, rule="sft")
+    log_path = tmp_path / "rule.log"
+    env = docker_engine.env(PYTHONPATH=str(ROOT / "src"))
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llamapipe.runners.container", "--spec", spec.to_json(),
+                                 "--", "sh", "-c", "echo ready; exec sleep 300"], stdout=out, stderr=subprocess.PIPE,
+                                env=env)
+        _wait_for(lambda: b"ready" in log_path.read_bytes() or proc.poll() is not None, what="the container")
+        proc.kill()
+        proc.wait(timeout=30)
+    (orphan,) = _ours(client, spec)
+    orphan.reload()
+    assert orphan.status == "running"  # nobody stopped it
+    assert run_in_container(spec, ["true"], out=io.BytesIO(), client=client) == 0
+    assert _ours(client, spec) == []

@@ -23,9 +23,13 @@ def test_partial_overlap_is_between_and_empty_predictions_count_as_zero():
     assert partial["rouge-1"] < alone["rouge-1"]  # the empty one pulls the mean down
 
 
-def test_run_writes_metrics_file(tmp_path):
-    preds = [{"src": "类型#裙", "tgt": "蓝色连衣裙", "prediction": "蓝色连衣裙"}]
+def test_run_scores_the_file_against_its_references(tmp_path):
+    """predictions.json in, metrics.json out: a perfect record and an empty one average to 50."""
+    preds = [{"src": "类型#裙", "tgt": "蓝色连衣裙清新甜美", "prediction": "蓝色连衣裙清新甜美"},
+             {"src": "类型#裤", "tgt": ["黑色休闲裤", "宽松舒适"], "prediction": ""}]
     (tmp_path / "p.json").write_text(json.dumps(preds, ensure_ascii=False))
     evaluate.run(str(tmp_path / "p.json"), str(tmp_path / "m.json"))
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) >= {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
+    assert metrics["rouge-1"] == metrics["rouge-2"] == metrics["rouge-l"] == 50.0
+    assert (metrics["samples"], metrics["empty_predictions"]) == (2, 1)
+    assert 0 < metrics["bleu-4"] < 100

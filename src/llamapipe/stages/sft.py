@@ -128,6 +128,31 @@ def build_model(base_dir: str, params: dict[str, Any], dtype: str) -> Any:
     return model
 
 
+def training_arguments(params: dict[str, Any], ckpt_dir: str, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """The Trainer's arguments from the sft section (names as in run_finetune.py)."""
+    return dict(
+        output_dir=ckpt_dir,
+        device=device,
+        seed=seed,
+        max_steps=params["max_steps"],
+        per_device_train_batch_size=params["per_device_train_batch_size"],
+        gradient_accumulation_steps=params["gradient_accumulation_steps"],
+        learning_rate=params["learning_rate"],
+        warmup_steps=params["warmup_steps"],
+        weight_decay=params["weight_decay"],
+        lr_scheduler_type="linear",
+        logging_steps=params["logging_steps"],
+        save_steps=params["save_steps"],
+        save_total_limit=params["save_total_limit"],
+        bf16=params["dtype"] == "bfloat16",
+        fp16=params["dtype"] == "float16",
+        disable_tqdm=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
 def run(
     params: dict[str, Any],
     train_file: str,
@@ -152,27 +177,7 @@ def run(
     resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
     loss_log = LossLogWriter(Path(ckpt_dir) / "train_log.jsonl", resume_step)
     model = build_model(base_dir, params, params["dtype"])
-    args = TrainingArguments(
-        output_dir=ckpt_dir,
-        device=device,
-        seed=seed,
-        max_steps=params["max_steps"],
-        per_device_train_batch_size=params["per_device_train_batch_size"],
-        gradient_accumulation_steps=params["gradient_accumulation_steps"],
-        learning_rate=params["learning_rate"],
-        warmup_steps=params["warmup_steps"],
-        weight_decay=params["weight_decay"],
-        lr_scheduler_type="linear",
-        logging_steps=params["logging_steps"],
-        save_steps=params["save_steps"],
-        save_total_limit=params["save_total_limit"],
-        bf16=params["dtype"] == "bfloat16",
-        fp16=params["dtype"] == "float16",
-        disable_tqdm=True,
-        report_to=[],
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    args = TrainingArguments(**training_arguments(params, ckpt_dir, seed, device))
     collator = DataCollatorForSeq2Seq(tokenizer=tok, padding=True, label_pad_token_id=-100, return_tensors="np")
     trainer = Trainer(
         model=model,
