@@ -9,7 +9,7 @@ CORES ?= 2
 LLAMAPIPE_DOCKER_CACHE ?= $(HOME)/.cache/llamapipe-docker
 export LLAMAPIPE_DOCKER_CACHE
 
-.PHONY: setup system-deps run test test-fast dry-run lint bench bench-setup clean
+.PHONY: setup system-deps run test test-fast dry-run lint bench bench-setup mutate clean
 
 setup: $(VENV)/.installed
 
@@ -57,6 +57,19 @@ $(VENV)/.bench-installed: envs/bench-requirements.txt envs/constraints.txt $(VEN
 # each benchmark's JSON in results/bench/. `make bench BENCH_ARGS=--quick`: the 2-minute version.
 bench: setup bench-setup
 	$(BIN)/python bench/run_all.py --out-dir results/bench --markdown-out results/bench/table.md $(BENCH_ARGS)
+
+# Mutation testing (cosmic-ray, pinned) of the NPU command builders and config resolution, in a
+# copy of the tracked files (cosmic-ray edits sources in place); report in results/mutation/.
+MUTATION_DIR := results/mutation
+mutate: setup
+	$(BIN)/pip install --quiet -r envs/mutation-requirements.txt -c envs/constraints.txt -c envs/mutation-constraints.txt
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)/tree
+	git ls-files -z | xargs -0 tar -cf - | tar -xf - -C $(MUTATION_DIR)/tree
+	cd $(MUTATION_DIR)/tree && PATH=$(CURDIR)/$(BIN):$$PATH PYTHONPATH=$$PWD/src \
+	  $(CURDIR)/$(BIN)/cosmic-ray init tools/mutation.toml ../session.sqlite && \
+	  PATH=$(CURDIR)/$(BIN):$$PATH PYTHONPATH=$$PWD/src $(CURDIR)/$(BIN)/cosmic-ray exec tools/mutation.toml ../session.sqlite
+	$(BIN)/cr-report $(MUTATION_DIR)/session.sqlite --show-pending > $(MUTATION_DIR)/report.txt
+	tail -n 5 $(MUTATION_DIR)/report.txt
 
 clean:
 	rm -rf results .snakemake

@@ -21,7 +21,6 @@ from llamapipe.runners.container import NPU_CONTROL_DEVICES, NPU_DRIVER_PATHS, p
 
 # Stages whose upstream NPU entry point needs accelerator cards, and how many of the visible ones.
 NPU_CARDS = {"sft": "all", "merge": 1, "export": 1, "predict": 1, "init_model": 0}
-NPU_TRAINING_STAGES = {"sft"}  # the stages that get npu.env (FLAGS_NPU_MC2, HCCL_...)
 CACHE_DIR = ".cache"  # project-relative: downloads that outlive one container
 
 
@@ -54,8 +53,6 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) ->
     if cfg["target"] == "npu":
         npu = cfg["npu"]
         image, shm, network, privileged = npu["image"]["tag"], npu["shm_size"], npu["network"], npu["privileged"]
-        if stage in NPU_TRAINING_STAGES:  # upstream sets these for training only (export/predict scripts: none)
-            env.update({k: str(v) for k, v in npu["env"].items()})
         cards = cards_for(stage, cfg)
         env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(map(str, cards))
         if cards and npu["device"] == "npu":
@@ -167,9 +164,12 @@ def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]
     # upstream's checkpoint integrity: `.checkpoint_done` last in each checkpoint, and a rerun
     # resumes from the newest complete one (a kill during a save must not poison the resume)
     resume = [f"export {k}={v}" for k, v in checkpoint_io.COMPLETE_CHECKPOINTS_ENV.items()]
+    # npu.env in the script, as upstream's training scripts export it (its export/predict scripts
+    # set none of it), so the rehearsal's local runtime runs with it too
+    training_env = [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(cfg["npu"]["env"].items())]
     collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--launch-logs", launch_logs,
                "--out", _abs(project, paths["sft"])]
-    return _npu_script(cfg, [*resume, shlex.join(launch + args), shlex.join(collect)])
+    return _npu_script(cfg, [*training_env, *resume, shlex.join(launch + args), shlex.join(collect)])
 
 
 def _npu_merge(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
