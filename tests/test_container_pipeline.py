@@ -50,7 +50,9 @@ def test_container_overhead_bench_quick(docker_engine, cpu_image, monkeypatch): 
 
 
 def test_interrupted_snakemake_leaves_no_container(tmp_path, docker_engine, cpu_image):  # noqa: F811
-    """Ctrl-C on a containerized run: Snakemake stops its jobs, each runner stops its container."""
+    """Ctrl-C on a containerized run (SIGINT to the terminal's foreground process group, as the
+    terminal sends it): each runner stops its container, Snakemake exits, nothing is left."""
+    import os
     import signal
     import subprocess
     import time
@@ -61,15 +63,18 @@ def test_interrupted_snakemake_leaves_no_container(tmp_path, docker_engine, cpu_
     (project / "long.yaml").write_text("sft:\n  max_steps: 100000\n")
     proc = subprocess.Popen([*SNAKEMAKE, "results/sft", "--cores", "2", "--configfile", "long.yaml", "--config",
                              "runtime=container"], cwd=project, env=docker_engine.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ours = {"label": "llamapipe.rule=sft"}
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    from llamapipe.runners.container import project_id
+
+    ours = {"label": f"llamapipe.project={project_id(str(project))}"}
     deadline = time.time() + 900
     while not (project / "results/checkpoints/sft").exists():  # sft's container is training
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.time() < deadline
         time.sleep(0.5)
     assert docker_engine.client.containers.list(filters=ours)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
-    assert proc.returncode != 0
-    assert docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"}) == []
+    output = proc.stdout.read().decode()
+    assert proc.returncode != 0, output[-3000:]
+    assert docker_engine.client.containers.list(all=True, filters=ours) == [], output[-3000:]
