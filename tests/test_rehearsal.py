@@ -24,6 +24,8 @@ from llamapipe import rehearsal
 from llamapipe.errors import PipelineError
 from npu_commands import UPSTREAM_SCRIPTS, flags, parse, shell_commands
 
+P = "{project}"
+
 CHECKOUT = os.environ.get(rehearsal.CHECKOUT_ENV)
 needs_checkout = pytest.mark.skipif(
     not CHECKOUT, reason=f"set {rehearsal.CHECKOUT_ENV}=<PaddleNLP checkout at the pinned commit> to run upstream's scripts")
@@ -282,3 +284,54 @@ def test_every_dry_run_command_in_the_readme_runs_as_written(tmp_path):
     for line in lines:
         argv = shlex.split(line)
         snakemake(project, *argv[1:])
+
+
+# The rehearsal's own values, flag by flag, on top of the NPU tables (what each listed item sets).
+REHEARSAL_SFT = {
+    "--device": ("cpu", "npu.device"), "--model_name_or_path": (f"{P}/results/model/base", "npu.model_name_or_path"),
+    "--per_device_train_batch_size": ("8", "npu.sft: the cpu section"), "--gradient_accumulation_steps": ("1", "npu.sft"),
+    "--max_steps": ("1000", "npu.sft"), "--learning_rate": ("0.003", "npu.sft"), "--warmup_steps": ("50", "npu.sft"),
+    "--save_steps": ("100", "npu.sft"), "--src_length": ("48", "npu.sft"), "--max_length": ("160", "npu.sft"),
+    "--bf16": ("false", "npu.sft: float32"), "--fp16_opt_level": ("O1", "npu.fused.fp16_opt_level"),
+    "--tensor_parallel_degree": ("1", "npu.parallel"), "--sequence_parallel": ("false", "npu.parallel"),
+    "--sharding": (None, "npu.parallel: no sharding stage"), "--sharding_parallel_config": (None, "npu.parallel"),
+    "--use_flash_attention": ("false", "npu.fused"), "--use_fused_rms_norm": ("false", "npu.fused"),
+    "--pad_to_multiple_of": ("16", "npu.fused.pad_to_multiple_of"),
+}
+REHEARSAL_EXPORT = {"--device": ("cpu", ""), "--dtype": ("float32", ""), "--src_length": ("48", ""),
+                    "--max_length": ("96", ""), "--inference_model": (None, ""), "--block_attn": (None, "")}
+REHEARSAL_PREDICT = {**REHEARSAL_EXPORT, "--batch_size": ("8", "")}
+
+
+def test_rehearsal_commands_exactly(tmp_path):
+    from npu_commands import find_step, launcher, script_flags
+    from test_npu_commands import (
+        OURS_EXPORT,
+        OURS_PREDICT,
+        OURS_SFT,
+        UPSTREAM_EXPORT,
+        UPSTREAM_PREDICT,
+        UPSTREAM_SFT,
+        expected,
+    )
+
+    project = copy_project(tmp_path / "project").resolve()
+    checkout = fake_checkout(tmp_path / "PaddleNLP")
+    out = snakemake(project, "-n", "-p", "--config", "target=npu", "rehearsal=cpu",
+                    env={rehearsal.CHECKOUT_ENV: str(checkout)}).stdout
+    cmds = {k: parse(v) for k, v in shell_commands(out).items()}
+    sft = find_step(cmds["sft"], "run_finetune.py")
+    head, launch = launcher(sft, "run_finetune.py")
+    assert launch == {"--nproc_per_node": "1", "--log_dir": f"{project}/results/logs/sft_launch"}
+    assert script_flags(sft, "run_finetune.py") == expected(UPSTREAM_SFT, {**OURS_SFT, **REHEARSAL_SFT}, project)
+    for rule, script, upstream, ours, extra in (
+            ("export", "predict/export_model.py", UPSTREAM_EXPORT, OURS_EXPORT, REHEARSAL_EXPORT),
+            ("predict", "predict/predictor.py", UPSTREAM_PREDICT, OURS_PREDICT, REHEARSAL_PREDICT)):
+        step = find_step(cmds[rule], script)
+        assert step[:4] == ["python", "-m", "llamapipe.cpu_shims", script]
+        assert script_flags(step, script) == expected(upstream, {**ours, **extra}, project)
+        assert ["python", "-c", "import paddlenlp_ops"] not in cmds[rule].steps  # the ops are not importable on CPU
+        assert not any(s[:1] == ["source"] for s in cmds[rule].steps)
+    assert all(c.spec is None for c in cmds.values())  # runtime local: no container
+    assert f"cd {checkout}/llm".split() in cmds["sft"].steps
+    assert head == ["python", "-u", "-m", "paddle.distributed.launch"]
