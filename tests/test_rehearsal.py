@@ -43,12 +43,20 @@ PLAN = {"--model": "npu.model_config", "--model-config": "npu.model_config", "--
         "--flash-attention": "npu.fused.use_flash_attention", "--no-flash-attention": "npu.fused.use_flash_attention"}
 
 
-def explain(loc: tuple) -> str | None:
+def explain(loc: tuple, runtime: str = "local") -> str | None:
     rule, where, name = loc
     if rule in ("pull_image", "build_image") or (where, name) == ("provenance", "--images"):
         return "npu.image.build"
-    if where == "container":
-        return "runtime"
+    if where in ("container", "spec", "mount", "env") and runtime == "local":
+        return "runtime"  # no container at all
+    if where == "spec":
+        return {"image": "npu.image.tag", "network": "npu.network", "devices": "npu.device",
+                "group_add": "npu.device"}.get(name)
+    if where == "mount":
+        return "npu.paddlenlp_mount" if name == "/opt/PaddleNLP" else (
+            "npu.device" if name.startswith("/usr/local/") else None)  # the driver mounts go with the cards
+    if where == "env":
+        return "devices" if name == "ASCEND_RT_VISIBLE_DEVICES" else None
     if where == "step":
         if name.startswith(("source ", "atb=", "[ -n $atb ]")):
             return "npu.ascend_env"
@@ -61,7 +69,8 @@ def explain(loc: tuple) -> str | None:
         return PLAN.get(name)
     if where in ("preflight", "init-model", "merge", "plots"):  # --params keys and plain flags
         return {"device": "npu.device", "devices": "devices", "runtime": "runtime",
-                "paddlenlp_checkout": "npu.paddlenlp_dir", "model_name_or_path": "npu.model_name_or_path",
+                "paddlenlp_checkout": "npu.paddlenlp_dir" if runtime == "local" else "npu.paddlenlp_mount",
+                "model_name_or_path": "npu.model_name_or_path",
                 "dtype": "npu.export", "--benchmarks": "npu.image.build"}.get(name) or (
             "npu.model_name_or_path" if where == "init-model" else None)
     if name == "--device":
@@ -85,6 +94,11 @@ def locations(rule: str, command: str) -> dict:
     out: dict = {(rule, "rule", ""): True}
     if cmd.spec is not None:
         out[(rule, "container", "")] = True
+        spec = dict(cmd.spec)
+        for mount in spec.pop("mounts"):
+            out[(rule, "mount", mount["target"])] = json.dumps(mount, sort_keys=True)
+        out.update({(rule, "env", k): v for k, v in spec.pop("env").items()})
+        out.update({(rule, "spec", k): json.dumps(v, sort_keys=True) for k, v in spec.items()})
     for step in cmd.steps or [cmd.argv]:
         script = next((s for s in UPSTREAM_SCRIPTS if s in step), None)
         if script:
@@ -123,39 +137,40 @@ def dry_run_locations(project: Path, *config: str, env: dict | None = None) -> d
     return found
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_rehearsal_commands_are_the_npu_commands_but_for_the_list(tmp_path, lora):
+@pytest.mark.parametrize("lora, runtime", [(False, "local"), (True, "local"), (False, "container")],
+                         ids=["full", "lora", "full-container"])
+def test_rehearsal_commands_are_the_npu_commands_but_for_the_list(tmp_path, lora, runtime):
     project = copy_project(tmp_path / "project")
     checkout = fake_checkout(tmp_path / "PaddleNLP")
     extra = ["--configfile", "lora.yaml"] if lora else []
     (project / "lora.yaml").write_text("sft:\n  lora: true\n")
     npu = dry_run_locations(project, *extra)
     env = {rehearsal.CHECKOUT_ENV: str(checkout)}
-    text = snakemake(project, "-n", "-p", "--config", "target=npu", "rehearsal=cpu", *extra, env=env).stdout
+    text = snakemake(project, "-n", "-p", "--config", "target=npu", "rehearsal=cpu", f"runtime={runtime}", *extra,
+                     env=env).stdout
     # the checkout's location is itself a listed difference (npu.paddlenlp_dir): substitute it back
     rehearsed: dict = {}
     for rule, command in shell_commands(text.replace(str(checkout), "/opt/PaddleNLP")).items():
         rehearsed.update(locations(rule, command))
     differing = {loc for loc in set(npu) | set(rehearsed) if npu.get(loc) != rehearsed.get(loc)}
-    unexplained = sorted(loc for loc in differing if explain(loc) is None)
+    unexplained = sorted(loc for loc in differing if explain(loc, runtime) is None)
     assert not unexplained, f"differences not on the rehearsal's list: {unexplained}"
-    listed = {d["key"] for d in rehearsal.describe(_resolved(project, checkout))}
-    used = {explain(loc) for loc in differing}
-    assert used <= listed, used - listed
-    assert listed == used, f"listed but changing nothing: {listed - used}"
-    assert "npu.paddlenlp_dir" in listed and str(checkout) in text
+    listed = {d["key"] for d in rehearsal.describe(_resolved(project, checkout, runtime))}
+    used = {explain(loc, runtime) for loc in differing}
+    assert listed == used, f"listed but changing nothing: {listed - used}; used but not listed: {used - listed}"
+    assert str(checkout) in text
     for line in ("rehearsal=cpu: the npu target on CPU", "npu.cpu_shims = true"):
         assert line in text  # the dry-run prints the list
 
 
-def _resolved(project: Path, checkout: Path) -> dict:
+def _resolved(project: Path, checkout: Path, runtime: str) -> dict:
     from llamapipe.config import load
 
     raw_path = project / "rehearsal.yaml"
     import yaml
 
     raw = yaml.safe_load((project / "config.yaml").read_text())
-    raw.update(target="npu", rehearsal="cpu", paddlenlp_src=str(checkout))
+    raw.update(target="npu", rehearsal="cpu", paddlenlp_src=str(checkout), runtime=runtime)
     raw_path.write_text(yaml.safe_dump(raw))
     return load(str(raw_path))
 
