@@ -148,3 +148,12 @@ def test_npu_base_model_is_named_not_built(tmp_path):
 
     init_model.run({"model_name_or_path": "meta-llama/Llama-2-13b"}, "unused", str(tmp_path / "base"), seed=1)
     assert json.loads((tmp_path / "base/base_model.json").read_text())["model_name_or_path"] == "meta-llama/Llama-2-13b"
+
+
+@pytest.mark.parametrize("dtype, bf16, fp16", [("bfloat16", "true", "false"), ("float16", "false", "true"),
+                                               ("float32", "false", "false")])
+def test_dtype_picks_exactly_one_amp_flag_on_both_training_scripts(tmp_path, dtype, bf16, fp16):
+    cfg = _cfg(tmp_path, target="npu", npu={"sft": {"dtype": dtype}})
+    for args in (upstream_npu.finetune_args(cfg, "m", "d", "o"), upstream_npu.pretrain_args(cfg, "m", "i", "o", "c")):
+        opts = _opts(args)
+        assert (opts["--bf16"], opts["--fp16"]) == (bf16, fp16)

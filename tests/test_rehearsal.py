@@ -175,14 +175,52 @@ def _resolved(project: Path, checkout: Path, runtime: str) -> dict:
     return load(str(raw_path))
 
 
-def test_rehearsal_without_a_checkout_names_the_variable(tmp_path, monkeypatch):
-    monkeypatch.delenv(rehearsal.CHECKOUT_ENV, raising=False)
+def _git_repo(root: Path) -> tuple[str, str]:
+    """A local git repository holding a stand-in checkout: (file URL, commit)."""
+    import subprocess
+
+    fake_checkout(root)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "stand-in"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    return f"file://{root}", commit
+
+
+def test_without_a_checkout_the_rehearsal_clones_the_pinned_commit(tmp_path):
     project = copy_project(tmp_path / "project")
-    proc = snakemake(project, "-n", "--config", "target=npu", "rehearsal=cpu", check=False,
-                     env={rehearsal.CHECKOUT_ENV: ""})
-    assert proc.returncode != 0
-    assert f"set {rehearsal.CHECKOUT_ENV}=<dir>" in proc.stdout + proc.stderr
-    assert not (project / "results").exists()
+    repo, commit = _git_repo(tmp_path / "upstream")
+    (project / "pins.yaml").write_text(f"npu:\n  image:\n    paddlenlp_repo: {repo}\n    paddlenlp_commit: {commit}\n")
+    args = ["--configfile", "pins.yaml", "--config", "target=npu", "rehearsal=cpu"]
+    env = {rehearsal.CHECKOUT_ENV: ""}
+    dry = snakemake(project, "-n", "-p", *args, env=env).stdout
+    clone = project.resolve() / f".cache/PaddleNLP-{commit}"
+    assert "rule paddlenlp_checkout" in dry and f"cd {clone}/llm" in dry
+    snakemake(project, "--cores", "1", f".cache/PaddleNLP-{commit}", *args, env=env)
+    assert (clone / "llm/run_finetune.py").is_file()
+    import subprocess
+
+    assert subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() == commit
+    assert not list(clone.parent.glob("*.tmp-*"))
+
+
+def test_a_clone_that_cannot_reach_its_repository_names_the_variable(tmp_path):
+    from llamapipe.upstream_checkout import clone
+
+    with pytest.raises(PipelineError, match=f"Set {rehearsal.CHECKOUT_ENV}=<dir>"):
+        clone(f"file://{tmp_path}/nowhere", "4711e147a", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_a_clone_without_the_npu_scripts_is_refused(tmp_path):
+    from llamapipe.upstream_checkout import clone
+
+    repo, commit = _git_repo(tmp_path / "upstream")
+    with pytest.raises(PipelineError, match="lacks llm/some_script.py"):
+        clone(repo, commit, str(tmp_path / "out"), required=("llm/some_script.py",))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_directory_that_is_not_a_checkout_is_refused(tmp_path):

@@ -53,6 +53,13 @@ def _collect_sft(a: argparse.Namespace) -> Any:
     return collect.collect_sft(a.ckpt_dir, a.out, a.launch_logs)
 
 
+def _fetch_paddlenlp(a: argparse.Namespace) -> Any:
+    from llamapipe.rehearsal import CHECKOUT_FILES
+    from llamapipe.upstream_checkout import clone
+
+    return clone(a.repo, a.commit, a.out, required=CHECKOUT_FILES)
+
+
 def _check_outputs(a: argparse.Namespace) -> Any:
     from llamapipe.stages import collect
 
@@ -178,6 +185,8 @@ TOOLS: dict[str, Any] = {
     "collect-sft": (_collect_sft, "upstream run_finetune.py output -> results/sft",
                     [("--ckpt-dir", "upstream output_dir"), ("--launch-logs", "paddle.distributed.launch --log_dir"),
                      ("--out", "sft output")]),
+    "fetch-paddlenlp": (_fetch_paddlenlp, "clone PaddleNLP at the pinned commit (the rehearsal, no checkout given)",
+                        [("--repo", "git URL"), ("--commit", "commit"), ("--out", "checkout dir")]),
     "check-outputs": (_check_outputs, "fail unless an upstream step wrote its outputs",
                       [("--kind", "wheels | model | export"), ("--path", "what it wrote")]),
     "plots": (_plots, "training loss / learning rate and per-stage time plots (PNG)",

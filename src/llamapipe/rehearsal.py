@@ -83,7 +83,8 @@ def _differences(cfg: dict) -> list[Difference]:
         Difference("runtime", "local", "stages run as local processes (runtime=container: in the CPU stage "
                    "image)", runtime="local"),
         Difference("npu.paddlenlp_dir", None, "the checkout given by LLAMAPIPE_PADDLENLP_SRC / paddlenlp_src "
-                   "instead of the image's /opt/PaddleNLP", runtime="local"),
+                   "(else a clone of the pinned commit in .cache/) instead of the image's /opt/PaddleNLP",
+                   runtime="local"),
         Difference("npu.image.tag", cfg["container"]["image"], "the CPU stage image (container.image) "
                    "instead of the built NPU image", runtime="container"),
         Difference("npu.paddlenlp_mount", None, "the given checkout, mounted read-only at npu.paddlenlp_dir, "
@@ -93,16 +94,22 @@ def _differences(cfg: dict) -> list[Difference]:
     ]
 
 
+def given_checkout(cfg: dict) -> str | None:
+    """A checkout named by config ``paddlenlp_src`` or the environment, if any."""
+    return cfg.get("paddlenlp_src") or os.environ.get(CHECKOUT_ENV) or None
+
+
+def clone_dir(cfg: dict) -> str:
+    """Where the rehearsal clones the pinned commit when no checkout is given (project-relative)."""
+    return f".cache/PaddleNLP-{cfg['npu']['image']['paddlenlp_commit']}"
+
+
 def checkout_dir(cfg: dict) -> str:
-    """The PaddleNLP checkout the rehearsal runs (config ``paddlenlp_src``, else the env var)."""
-    path = cfg.get("paddlenlp_src") or os.environ.get(CHECKOUT_ENV)
-    commit = cfg["npu"]["image"]["paddlenlp_commit"]
+    """The PaddleNLP checkout the rehearsal runs: the one given (checked here), else the clone
+    the paddlenlp_checkout rule makes."""
+    path = given_checkout(cfg)
     if not path:
-        raise PipelineError(
-            f"rehearsal=cpu runs PaddleNLP's own llm/ scripts: set {CHECKOUT_ENV}=<dir> (or paddlenlp_src) "
-            f"to a checkout at commit {commit}, e.g. git clone {cfg['npu']['image']['paddlenlp_repo']} "
-            f"<dir> && git -C <dir> checkout {commit}"
-        )
+        return os.path.abspath(clone_dir(cfg))
     path = os.path.abspath(path)
     missing = [f for f in CHECKOUT_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:

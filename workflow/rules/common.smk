@@ -28,9 +28,18 @@ validate(CFG, schema="../schemas/config.schema.yaml")
 TARGET = CFG["target"]
 # rehearsal=cpu: the npu DAG on this machine's CPU (llamapipe.rehearsal lists the differences).
 REHEARSAL = bool(CFG["rehearsal"])
+PADDLENLP_CLONE = (
+    None  # the rehearsal's clone of the pinned commit, when no checkout is given
+)
 if REHEARSAL:
     from snakemake.logging import logger
-    from llamapipe.rehearsal import describe as describe_rehearsal
+    from llamapipe.rehearsal import (
+        clone_dir,
+        describe as describe_rehearsal,
+        given_checkout,
+    )
+
+    PADDLENLP_CLONE = None if given_checkout(CFG) else clone_dir(CFG)
 
     logger.info(
         "rehearsal=cpu: the npu target on CPU; what differs from a real NPU run:\n"
@@ -98,10 +107,15 @@ def stage_params(stage):
                 else {}
             ),
             "runtime": CFG["runtime"],
-            # a host checkout the npu stages run (the rehearsal's); the image's own is not on the host
+            # a host checkout the npu stages run (the rehearsal's, if given: a clone is checked as
+            # it is made); the image's own is not on the host
             "paddlenlp_checkout": (
-                CFG["npu"]["paddlenlp_mount"]
-                or (CFG["npu"]["paddlenlp_dir"] if REHEARSAL else None)
+                (
+                    CFG["npu"]["paddlenlp_mount"]
+                    or (CFG["npu"]["paddlenlp_dir"] if REHEARSAL else None)
+                )
+                if not PADDLENLP_CLONE
+                else None
             ),
         },
         "download_data": {k: CFG["data"][k] for k in ("url", "sha256", "retries")},
@@ -198,6 +212,11 @@ def image_records():
     if TARGET != "npu" or not CFG["npu"]["image"]["build"]:
         return []
     return [PATHS["base_image"], PATHS["image"]]
+
+
+def upstream_inputs():
+    """The stages that run PaddleNLP's scripts wait for the rehearsal's clone, if it makes one."""
+    return [PADDLENLP_CLONE] if PADDLENLP_CLONE else []
 
 
 def plan_inputs():

@@ -2,6 +2,7 @@ rule export:
     input:
         PATHS["merged"],
         image_inputs(wheels=True),
+        upstream_inputs(),
     output:
         directory(PATHS["inference"]),
     log:
@@ -25,6 +26,7 @@ rule predict:
         PATHS["inference"],
         PATHS["dev"],
         image_inputs(wheels=True),
+        upstream_inputs(),
     output:
         PATHS["predictions"],
     log:

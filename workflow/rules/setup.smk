@@ -77,6 +77,7 @@ rule build_image:
 rule build_ops:
     input:
         image_records()[1:] or PATHS["preflight"],
+        upstream_inputs(),
     output:
         directory(PATHS["wheels"]),
     log:
@@ -103,5 +104,28 @@ rule plan:
         CONDA_ENV
     params:
         cmd=shell_join("llamapipe", "plan", *plan_args(), "--out", PATHS["plan"]),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+# The rehearsal without a given checkout: PaddleNLP at the pinned commit, cloned once into .cache/.
+rule paddlenlp_checkout:
+    output:
+        directory(PADDLENLP_CLONE or ".cache/PaddleNLP"),
+    log:
+        log_of("paddlenlp_checkout"),
+    conda:
+        CONDA_ENV
+    params:
+        cmd=shell_join(
+            "llamapipe",
+            "fetch-paddlenlp",
+            "--repo",
+            CFG["npu"]["image"]["paddlenlp_repo"],
+            "--commit",
+            CFG["npu"]["image"]["paddlenlp_commit"],
+            "--out",
+            PADDLENLP_CLONE or ".cache/PaddleNLP",
+        ),
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -32,6 +32,7 @@ rule sft:
         PATHS["base_model"],
         image_inputs(),
         plan_inputs(),
+        upstream_inputs(),
     output:
         directory(PATHS["sft"]),
     log:
@@ -65,6 +66,7 @@ rule merge:
         PATHS["sft"],
         PATHS["base_model"],
         image_inputs(),
+        upstream_inputs(),
     output:
         directory(PATHS["merged"]),
     log:
