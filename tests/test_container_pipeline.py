@@ -32,7 +32,9 @@ def test_cpu_dag_in_containers_gives_the_local_predictions(tmp_path, docker_engi
     assert manifest["host"] != socket.gethostname()  # written inside the container
     assert manifest["environment"]["paddlepaddle"] == "3.0.0"  # the image's pinned stack
     assert (boxed / "results/predictions.json").read_bytes() == (local / "results/predictions.json").read_bytes()
-    assert not docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"})
+    from llamapipe.runners.container import project_id
+
+    assert not docker_engine.client.containers.list(all=True, filters={"label": f"llamapipe.project={project_id(str(boxed))}"})
 
 
 def test_container_overhead_bench_quick(docker_engine, cpu_image, monkeypatch):  # noqa: F811
