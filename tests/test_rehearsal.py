@@ -164,15 +164,15 @@ def test_rehearsal_commands_are_the_npu_commands_but_for_the_list(tmp_path, lora
 
 
 def _resolved(project: Path, checkout: Path, runtime: str) -> dict:
-    from llamapipe.config import load
-
-    raw_path = project / "rehearsal.yaml"
+    """config.yaml as the rehearsal resolves it (what the dry-run printed its list from)."""
     import yaml
+
+    from llamapipe.config import load
 
     raw = yaml.safe_load((project / "config.yaml").read_text())
     raw.update(target="npu", rehearsal="cpu", paddlenlp_src=str(checkout), runtime=runtime)
-    raw_path.write_text(yaml.safe_dump(raw))
-    return load(str(raw_path))
+    (project / "rehearsal.yaml").write_text(yaml.safe_dump(raw))
+    return load(str(project / "rehearsal.yaml"))
 
 
 def _git_repo(root: Path) -> tuple[str, str]:
