@@ -157,3 +157,12 @@ def test_dtype_picks_exactly_one_amp_flag_on_both_training_scripts(tmp_path, dty
     for args in (upstream_npu.finetune_args(cfg, "m", "d", "o"), upstream_npu.pretrain_args(cfg, "m", "i", "o", "c")):
         opts = _opts(args)
         assert (opts["--bf16"], opts["--fp16"]) == (bf16, fp16)
+
+
+def test_launcher_follows_the_device_whatever_string_object_carries_it(tmp_path):
+    """`npu.device: cpu` from any YAML (not the interned literal the rehearsal sets) picks the
+    CPU launcher form; npu keeps the card list."""
+    cfg = _cfg(tmp_path, target="npu")
+    assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--devices", "0,1,2,3,4,5,6,7"]
+    cfg["npu"]["device"] = "".join(["c", "pu"])
+    assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--nproc_per_node", "8"]
