@@ -388,3 +388,23 @@ def test_rehearsal_commands_exactly(tmp_path):
     assert all(c.spec is None for c in cmds.values())  # runtime local: no container
     assert f"cd {checkout}/llm".split() in cmds["sft"].steps
     assert head == ["python", "-u", "-m", "paddle.distributed.launch"]
+
+
+def test_preflight_refuses_a_checkout_at_another_commit(tmp_path):
+    from llamapipe.stages import preflight
+
+    repo = tmp_path / "upstream"
+    _git_repo(repo)
+    params = {"min_free_disk_gb": 0, "target": "npu", "device": "cpu", "runtime": "local",
+              "paddlenlp_checkout": str(repo), "paddlenlp_commit": "4711e147a185bb5d7876ee9617c0aee8dd321eed"}
+    with pytest.raises(PipelineError, match="the config pins 4711e147a"):
+        preflight.run(params, str(tmp_path / "preflight.json"))
+    commit = subprocess_out(["git", "-C", str(repo), "rev-parse", "HEAD"])
+    report = preflight.run({**params, "paddlenlp_commit": commit[:9]}, str(tmp_path / "preflight.json"))
+    assert report["paddlenlp_checkout"] == {"path": str(repo), "commit": commit}
+
+
+def subprocess_out(argv: list) -> str:
+    import subprocess
+
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()

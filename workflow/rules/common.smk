@@ -107,6 +107,7 @@ def stage_params(stage):
                 else {}
             ),
             "runtime": CFG["runtime"],
+            "paddlenlp_commit": CFG["npu"]["image"]["paddlenlp_commit"],
             # a host checkout the npu stages run (the rehearsal's, if given: a clone is checked as
             # it is made); the image's own is not on the host
             "paddlenlp_checkout": (

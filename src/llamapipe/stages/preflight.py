@@ -135,19 +135,29 @@ def npu_checks(params: dict, report: dict, problems: list) -> None:
         problems.append(problem)
 
 
-def checkout_checks(checkout: str, report: dict, problems: list) -> None:
-    """The PaddleNLP checkout the rehearsal runs: the scripts present, its commit if it is a clone."""
+def checkout_checks(checkout: str, report: dict, problems: list, pinned: str | None = None) -> None:
+    """The PaddleNLP checkout the rehearsal runs: the scripts present, and at the pinned commit
+    when it is a git clone (scripts of another commit need that commit's library)."""
     from llamapipe.rehearsal import CHECKOUT_FILES
 
     missing = [f for f in CHECKOUT_FILES if not os.path.isfile(os.path.join(checkout, f))]
     if missing:
         problems.append(f"PaddleNLP checkout {checkout} lacks {', '.join(missing)}")
-    try:
-        commit = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=30).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", "-C", checkout, *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    # only the checkout's own repository counts (a plain copy inside another clone has none)
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and os.path.realpath(top) == os.path.realpath(checkout) else None
     report["paddlenlp_checkout"] = {"path": checkout, "commit": commit or "unknown (not a git clone)"}
+    if commit and pinned and not commit.startswith(pinned):
+        problems.append(f"PaddleNLP checkout {checkout} is at {commit}, the config pins {pinned} "
+                        f"(npu.image.paddlenlp_commit): check out the pinned commit")
 
 
 def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, Any]:
@@ -165,7 +175,7 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
     if free_gib < params["min_free_disk_gb"]:
         problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
     if params.get("paddlenlp_checkout"):
-        checkout_checks(params["paddlenlp_checkout"], report, problems)
+        checkout_checks(params["paddlenlp_checkout"], report, problems, params.get("paddlenlp_commit"))
     if target == "npu" and params.get("device", "npu") == "npu":
         npu_checks(params, report, problems)  # the Paddle stack lives in the image, not on the host
     elif params.get("runtime") == "container":  # the rehearsal in the CPU stage image
