@@ -16,21 +16,26 @@ def _ckpt(root, step, complete):
     return d
 
 
-def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
-    fp = {"params": "p", "train_data": "d", "base_model": "b"}
+FP = {"params": "p", "train_data": "d", "base_model": "b"}
+
+
+def _run_dir(tmp_path):
+    """A checkpoint directory of the same training run (matching fingerprint)."""
     root = tmp_path / "ckpt"
     root.mkdir()
-    (root / "fingerprint.json").write_text(json.dumps(fp))
+    (root / "fingerprint.json").write_text(json.dumps(FP))
+    return root
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
+    root = _run_dir(tmp_path)
     _ckpt(root, 10, complete=True)
     good = _ckpt(root, 20, complete=True)
     _ckpt(root, 30, complete=False)  # killed while saving: no completion marker
-    assert sft.prepare_checkpoint_dir(root, fp) == str(good)
+    assert sft.prepare_checkpoint_dir(root, FP) == str(good)
 
 
 def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
-    fp = {"params": "p", "train_data": "d", "base_model": "b"}
-    root = tmp_path / "ckpt"
-    root.mkdir()
-    (root / "fingerprint.json").write_text(json.dumps(fp))
+    root = _run_dir(tmp_path)
     _ckpt(root, 10, complete=False)
-    assert sft.prepare_checkpoint_dir(root, fp) is None
+    assert sft.prepare_checkpoint_dir(root, FP) is None
