@@ -218,12 +218,18 @@ def test_lora_merge_runs_upstreams_merge_then_ours(npu_dry):
     assert after[3] == ["rm", "-rf", folded]
 
 
+def checked_step(cmd, script: str, upstream: dict, ours: dict, project) -> list[str]:
+    """The step running ``script``: started with plain python, flags exactly upstream's + ours."""
+    step = find_step(cmd, script)
+    assert step[:2] == ["python", script]
+    assert script_flags(step, script) == expected(upstream, ours, project)
+    return step
+
+
 def test_export_is_upstreams_export_script_plus_the_listed_differences(npu_dry):
     project, cmds, _ = npu_dry
     export = cmds["export"]
-    step = find_step(export, "predict/export_model.py")
-    assert step[:2] == ["python", "predict/export_model.py"]
-    assert script_flags(step, "predict/export_model.py") == expected(UPSTREAM_EXPORT, OURS_EXPORT, project)
+    step = checked_step(export, "predict/export_model.py", UPSTREAM_EXPORT, OURS_EXPORT, project)
     tmp = f"{project}/results/inference.tmp"
     assert export.steps == ASCEND_PRELUDE + ATB_PRELUDE + CHECKOUT_PRELUDE + ops_install(project) + [
         ["rm", "-rf", tmp], step, ["python", "-m", "llamapipe", "check-outputs", "--kind", "export", "--path", tmp],
@@ -241,9 +247,7 @@ def ops_install(project) -> list:
 def test_predict_is_upstreams_predict_script_plus_the_listed_differences(npu_dry):
     project, cmds, _ = npu_dry
     predict = cmds["predict"]
-    step = find_step(predict, "predict/predictor.py")
-    assert step[:2] == ["python", "predict/predictor.py"]
-    assert script_flags(step, "predict/predictor.py") == expected(UPSTREAM_PREDICT, OURS_PREDICT, project)
+    step = checked_step(predict, "predict/predictor.py", UPSTREAM_PREDICT, OURS_PREDICT, project)
     raw = f"{project}/results/predictions.json.upstream.jsonl"
     assert predict.steps == ASCEND_PRELUDE + ATB_PRELUDE + CHECKOUT_PRELUDE + ops_install(project) + [
         ["rm", "-f", raw], step,

@@ -25,7 +25,6 @@ MERGED_WEIGHTS = "model_state.pdparams"
 # last file of every checkpoint-N, and get_last_checkpoint resumes from the newest *complete* one
 # (without it, a kill during a save leaves a newest checkpoint that every rerun fails to load).
 COMPLETE_CHECKPOINTS_ENV = {"FLAG_LLM_PDC": "True"}
-CHECKPOINT_DONE = ".checkpoint_done"
 BASE_MODEL_POINTER = "base_model.json"  # npu: names the hub model whose weights are not stored here
 TP_SHARD = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
 

@@ -145,9 +145,9 @@ def _ops_install(cfg: dict, paths: dict, project: str) -> list[str]:
     return lines
 
 
-def _check(kind: str, path: str, *extra: str) -> str:
+def _check(kind: str, path: str) -> str:
     """Our check that an upstream step wrote what it should (exit 0 alone proves nothing)."""
-    return shlex.join(["python", "-m", "llamapipe", "check-outputs", "--kind", kind, "--path", path, *extra])
+    return shlex.join(["python", "-m", "llamapipe", "check-outputs", "--kind", kind, "--path", path])
 
 
 def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:

@@ -117,32 +117,24 @@ def checkout_dir(cfg: dict) -> str:
     return path
 
 
-def differences(cfg: dict) -> list[Difference]:
-    """The differences that apply to this config's runtime, with values filled in."""
+def _applicable(cfg: dict) -> list[Difference]:
+    """The differences for this config's runtime."""
     runtime = cfg.get("runtime", "local")
-    out = []
-    for d in _differences(cfg):
-        if d.runtime not in ("any", runtime):
-            continue
-        if d.key in ("npu.paddlenlp_dir", "npu.paddlenlp_mount"):
-            d = Difference(d.key, checkout_dir(cfg), d.reason, d.runtime)
-        out.append(d)
-    return out
+    return [d for d in _differences(cfg) if d.runtime in ("any", runtime)]
 
 
 def apply(cfg: dict) -> dict:
     """Set every difference in ``cfg`` (before the npu overlays and the plan are applied)."""
-    for d in differences(cfg):
-        _set(cfg, d.key, d.value)
+    for d in _applicable(cfg):
+        checkout = d.key in ("npu.paddlenlp_dir", "npu.paddlenlp_mount")
+        _set(cfg, d.key, checkout_dir(cfg) if checkout else d.value)
     return cfg
 
 
 def describe(cfg: dict) -> list[dict]:
     """The list as recorded in provenance and printed by the dry-run, from a resolved config
     (the values as applied)."""
-    runtime = cfg.get("runtime", "local")
-    return [{"key": d.key, "value": _get(cfg, d.key), "reason": d.reason}
-            for d in _differences(cfg) if d.runtime in ("any", runtime)]
+    return [{"key": d.key, "value": _get(cfg, d.key), "reason": d.reason} for d in _applicable(cfg)]
 
 
 def _get(cfg: dict, dotted: str) -> Any:

@@ -28,9 +28,8 @@ validate(CFG, schema="../schemas/config.schema.yaml")
 TARGET = CFG["target"]
 # rehearsal=cpu: the npu DAG on this machine's CPU (llamapipe.rehearsal lists the differences).
 REHEARSAL = bool(CFG["rehearsal"])
-PADDLENLP_CLONE = (
-    None  # the rehearsal's clone of the pinned commit, when no checkout is given
-)
+# the rehearsal's clone of the pinned commit, when no checkout is given
+PADDLENLP_CLONE = None
 if REHEARSAL:
     from snakemake.logging import logger
     from llamapipe.rehearsal import (
@@ -108,16 +107,7 @@ def stage_params(stage):
             ),
             "runtime": CFG["runtime"],
             "paddlenlp_commit": CFG["npu"]["image"]["paddlenlp_commit"],
-            # a host checkout the npu stages run (the rehearsal's, if given: a clone is checked as
-            # it is made); the image's own is not on the host
-            "paddlenlp_checkout": (
-                (
-                    CFG["npu"]["paddlenlp_mount"]
-                    or (CFG["npu"]["paddlenlp_dir"] if REHEARSAL else None)
-                )
-                if not PADDLENLP_CLONE
-                else None
-            ),
+            "paddlenlp_checkout": host_checkout(),
         },
         "download_data": {k: CFG["data"][k] for k in ("url", "sha256", "retries")},
         "prepare_data": {
@@ -201,11 +191,9 @@ def stage_benchmarks():
     ]
     stages += ["export", "predict", "evaluate"]
     if TARGET == "npu":
-        stages += (
-            ["build_ops"]
-            if not image_records()
-            else ["pull_image", "build_image", "build_ops"]
-        )
+        stages += (["pull_image", "build_image"] if image_records() else []) + [
+            "build_ops"
+        ]
     return [bench_of(s) for s in stages]
 
 
@@ -213,6 +201,18 @@ def image_records():
     if TARGET != "npu" or not CFG["npu"]["image"]["build"]:
         return []
     return [PATHS["base_image"], PATHS["image"]]
+
+
+def host_checkout():
+    """A given PaddleNLP checkout on the host, for preflight to check: mounted into the
+    containers, or run in place by the local rehearsal. The image's own is not on the host; a
+    clone is checked as it is made."""
+    if PADDLENLP_CLONE:
+        return None
+    local = (
+        CFG["npu"]["paddlenlp_dir"] if REHEARSAL and CFG["runtime"] == "local" else None
+    )
+    return CFG["npu"]["paddlenlp_mount"] or local
 
 
 def upstream_inputs():

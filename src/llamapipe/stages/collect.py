@@ -42,8 +42,8 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "") -> dict:
     by save_model(merge_tensor_parallel=True)) -> results/sft; checkpoint-N dirs stay behind."""
     src = Path(ckpt_dir)
     files = [p for p in src.iterdir() if p.is_file()] if src.is_dir() else []
-    if not src.is_dir() or not _weights(src) or not (src / "config.json").is_file() and not (
-            src / "lora_config.json").is_file():
+    has_config = any((src / name).is_file() for name in ("config.json", "lora_config.json"))
+    if not src.is_dir() or not _weights(src) or not has_config:
         raise PipelineError(f"{ckpt_dir} holds no final model (weights and config.json): did training finish?")
     worker_log = Path(launch_logs) / "workerlog.0"  # rank 0 logs the losses
     history = parse_trainer_log(worker_log.read_text(errors="replace").splitlines()) if worker_log.is_file() else []
