@@ -8,6 +8,7 @@ that was training the same thing, and a stale one is moved aside, not deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -108,6 +109,47 @@ class LossLogWriter:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()]
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a function of (seed, epoch) only, so a resumed run
+    replays the same order without having replayed the RNG draws of the epochs it skipped."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:4], "little")
+
+
+def resumable_trainer(seed: int) -> Any:
+    """PaddleNLP's Trainer, with the two things a one-process run needs to resume exactly.
+
+    - Data order: for one process the Trainer shuffles with ``paddle.io.BatchSampler``, whose
+      order hangs on the global RNG at each epoch start; a resume that skips epochs gets another
+      order. Paddle's ``DistributedBatchSampler`` (what the Trainer uses on several cards) takes
+      its order from ``set_epoch``, which the Trainer calls every epoch: seeded per epoch here.
+    - ``save_total_limit``: the Trainer rotates only when ``local_rank == 0``, i.e. under
+      ``paddle.distributed.launch``; a plain process has ``local_rank == -1`` and kept every
+      checkpoint. Rotated here after the save is marked complete, by step number.
+    """
+    from paddle.io import DistributedBatchSampler
+    from paddlenlp.trainer import Trainer
+
+    class EpochSeededSampler(DistributedBatchSampler):
+        def set_epoch(self, epoch=0):
+            super().set_epoch(epoch_seed(seed, epoch))
+
+    class ResumableTrainer(Trainer):
+        def _get_train_sampler(self):
+            if self.args.world_size > 1:
+                return super()._get_train_sampler()
+            return EpochSeededSampler(
+                self.train_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
+                num_replicas=1, rank=0, drop_last=self.args.dataloader_drop_last,
+            )
+
+        def _save_checkpoint(self, model, metrics=None):
+            super()._save_checkpoint(model, metrics=metrics)
+            if self.args.local_rank == -1:
+                self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
+
+    return ResumableTrainer
+
+
 def build_model(base_dir: str, params: dict[str, Any], dtype: str) -> Any:
     from paddlenlp.transformers import AutoModelForCausalLM
 
@@ -164,7 +206,7 @@ def run(
 ) -> dict[str, Any]:
     from paddlenlp.data import DataCollatorForSeq2Seq
     from paddlenlp.datasets import MapDataset
-    from paddlenlp.trainer import Trainer, TrainingArguments
+    from paddlenlp.trainer import TrainingArguments
 
     from llamapipe.paddle_env import seed_everything
 
@@ -179,7 +221,7 @@ def run(
     model = build_model(base_dir, params, params["dtype"])
     args = TrainingArguments(**training_arguments(params, ckpt_dir, seed, device))
     collator = DataCollatorForSeq2Seq(tokenizer=tok, padding=True, label_pad_token_id=-100, return_tensors="np")
-    trainer = Trainer(
+    trainer = resumable_trainer(seed)(
         model=model,
         args=args,
         train_dataset=MapDataset(examples),
