@@ -32,7 +32,8 @@ TINY_LLAMA = dict(
 )
 
 # What a fresh clone holds that a run needs (results/, data/ and .snakemake/ are left behind).
-PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "assets", "envs", "Dockerfile.npu", ".dockerignore")
+PROJECT_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "assets", "envs", "Dockerfile.npu",
+                 ".dockerignore")
 
 
 def copy_project(dest: Path) -> Path:

@@ -130,6 +130,7 @@ def test_provenance_and_stage_manifests(finished_run):
     prov = _json(r / "provenance.json")
     assert prov["config"]["seed"] == prov["seed"] == 42 and len(prov["config_sha256"]) == 64
     assert prov["data_archive"]["sha256"] == prov["config"]["data"]["sha256"]
+    assert prov["resume"]["exact"] is True
     assert set(prov["stages"]) >= {"download-data", "prepare-data", "init-model", "sft", "merge", "export",
                                    "predict", "evaluate"}
     sft = prov["stages"]["sft"]

@@ -283,6 +283,7 @@ def _check_run(project: Path, lora: bool) -> None:
     prov = json.loads((results / "provenance.json").read_text())
     keys = {d["key"] for d in prov["rehearsal"]["differences"]}
     assert {"npu.device", "npu.cpu_shims", "npu.inference_model"} <= keys
+    assert prov["resume"]["exact"] is False and "not bitwise deterministic" in prov["resume"]["why"]
     assert (results / "inference/model.pdiparams").stat().st_size > 0
     merged_config = json.loads((results / "merged/config.json").read_text())
     assert merged_config["pad_token_id"] == 0 and merged_config["use_cache"] is False  # the guide's fix-up

@@ -110,6 +110,26 @@ def _rehearsal(config: dict) -> dict | None:
     return {"mode": config["rehearsal"], "differences": describe(config)}
 
 
+RESUME_EXACT = (
+    "one process: the data order is a function of (seed, epoch), and model, optimizer, LR schedule "
+    "and RNG come back from the checkpoint, so a resumed run ends byte-identical to a clean one "
+    "(tests/test_exact_resume.py)"
+)
+RESUME_NOT_EXACT = (
+    "upstream run_finetune.py: optimizer, LR schedule and RNG come back from the checkpoint and, on "
+    "several cards, the data order is fixed per epoch; but collective reductions and device kernels "
+    "are not bitwise deterministic, so a resumed run matches a clean one only up to floating-point "
+    "noise (on one card the Trainer also draws the data order from the global RNG, so a resume "
+    "after an epoch boundary sees another order)"
+)
+
+
+def resume_guarantee(config: dict) -> dict:
+    """What "rerun after a crash" promises on this target, recorded so nobody assumes more."""
+    exact = config["target"] == "cpu"
+    return {"exact": exact, "why": RESUME_EXACT if exact else RESUME_NOT_EXACT}
+
+
 def collect(manifest_dir: str, config: dict, project_dir: str, image_records: list[str], out: str) -> dict:
     manifests = {}
     for path in sorted(Path(manifest_dir).glob("*.json")):
@@ -126,6 +146,7 @@ def collect(manifest_dir: str, config: dict, project_dir: str, image_records: li
                          "verified_by": "download-data" if download else None},
         "images": {Path(p).stem: json.loads(Path(p).read_text()) for p in image_records if os.path.exists(p)},
         "rehearsal": _rehearsal(config),
+        "resume": resume_guarantee(config),
         "stages": {
             name: {"started": m["started"], "finished": m["finished"], "environment": m["environment"],
                    "inputs": m["inputs"], "outputs": m["outputs"]}

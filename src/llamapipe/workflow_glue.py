@@ -1,4 +1,4 @@
-"""Help Snakemake with two things users expect, applied when execution starts.
+"""Help Snakemake with three things users expect, applied when execution starts.
 
 1. `--forcerun export results/predictions.json` redoes export and what follows for that
    target (see ``split_swallowed_targets``).
@@ -9,6 +9,9 @@ Snakemake does not rebuild a missing intermediate output while the outputs after
 ask for the metrics" to redo merge and everything after it. At the start of execution we find
 the first missing output of the stage chain that lies before an existing one the request
 depends on, and add it to ``--forcerun``.
+
+3. The rerun after a killed snakemake: its stale lock is cleared when nothing of it is left
+   (``llamapipe.stale_lock``); orphaned jobs still running stop the rerun with their pids.
 
 The targets reach the workflow object only after the Snakefile is parsed, so the check wraps
 ``workflow.execute``. It lives in a package module, not a .smk file, so Snakemake does not
@@ -21,6 +24,8 @@ import logging
 import os
 from collections.abc import Iterable
 from typing import Any, Callable
+
+from snakemake.exceptions import WorkflowError
 
 log = logging.getLogger("llamapipe.workflow")
 
@@ -54,6 +59,14 @@ def install_execution_hooks(workflow: Any, chain: list[str], default_target: str
     execute = workflow.execute
 
     def execute_after_gap_check(*args: Any, **kwargs: Any) -> Any:
+        plugin = kwargs.get("executor_plugin", args[0] if args else None)
+        dryrun = getattr(getattr(plugin, "common_settings", None), "dryrun_exec", False)
+        if workflow.is_main_process and workflow.execution_settings.lock and not dryrun:
+            from llamapipe import stale_lock
+
+            if stale_lock.check(say=lambda line: print(line, flush=True)) == "leftover":
+                # unlocking would let a second run write where the orphans write
+                raise WorkflowError("not started: jobs of the killed run still run here (listed above)")
         settings = workflow.dag_settings
         if settings is not None:
             forcerun, targets = split_swallowed_targets(

@@ -11,6 +11,7 @@ from llamapipe.commands import build_ops_command, cards_for, stage_command
 from llamapipe.config import resolve as resolve_config
 from llamapipe.errors import PipelineError
 from llamapipe.parallel_config import plan_argv
+from llamapipe.stale_lock import record_owner as record_lock_owner
 from llamapipe.workflow_glue import install_execution_hooks
 
 
@@ -258,3 +259,9 @@ STAGE_CHAIN = [
     PATHS["metrics"],
 ]
 install_execution_hooks(workflow, STAGE_CHAIN, default_target=PATHS["metrics"])
+
+
+onstart:
+    # Runs once the lock is held: names its holder, so a rerun after a kill -9 can tell a stale
+    # lock from a live one (llamapipe.stale_lock).
+    record_lock_owner()
