@@ -79,6 +79,7 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_result(clean_run, 
     assert len(log.read_text().splitlines()) == KILL_AFTER_STEP
     assert KILL_AFTER_STEP % 40  # not a checkpoint step: the resume must redo work
     assert _checkpoints(project) == ["checkpoint-40", "checkpoint-80"]
+    assert not (project / "results/sft").exists()  # the failed job's output is gone, the checkpoints stay
 
     snakemake(project, *args)  # the same command, nothing else
     summary = json.loads((project / "results/sft/train_summary.json").read_text())

@@ -277,6 +277,8 @@ def _check_run(project: Path, lora: bool) -> None:
     log = [json.loads(x) for x in (results / "sft/train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 301))  # one loss per step from the worker log
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
+    kept = sorted(int(p.name.split("-")[1]) for p in (results / "checkpoints/sft").glob("checkpoint-*"))
+    assert kept == [200, 300]  # save_total_limit: 2 (upstream's own rotation, under the launcher)
     assert (results / "wheels").is_dir() and list((results / "wheels").glob("paddlenlp_ops-*.whl"))
     launch_log = (results / "logs/sft.log").read_text()
     assert "run_finetune.py" in launch_log and ("'--lora', 'true'" in launch_log) == lora
