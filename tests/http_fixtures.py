@@ -16,6 +16,8 @@ class ServerScript:
     fail_503: int = 0  # answer the first N requests with 503
     ignore_range: bool = False  # always answer 200 with the whole body
     status: int = 200  # anything else: answer every request with this error status
+    no_length: bool = False  # no Content-Length: the body ends when the server closes (HTTP/1.0 style)
+    stall_seconds: float = 0  # accept, then say nothing this long (or until the server stops)
     requests: list[str | None] = field(default_factory=list)
 
 
@@ -26,6 +28,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         s = self.script
         rng = self.headers.get("Range")
         s.requests.append(rng)
+        if s.stall_seconds and self.server.stopping.wait(s.stall_seconds):
+            return  # stopped while stalling: hang up without a word
         if len(s.requests) <= s.fail_503:
             self.send_error(503, "try again")
             return
@@ -46,11 +50,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         data = s.body[start:]
-        self.send_header("Content-Length", str(len(data)))
+        if not s.no_length:
+            self.send_header("Content-Length", str(len(data)))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if s.drop_after is not None and len(s.requests) == s.fail_503 + 1:
-            data = data[: s.drop_after]  # Content-Length promised more: the client sees a short body
+            data = data[: s.drop_after]  # a short body: Content-Length promised more, or none was sent
         self.wfile.write(data)
 
     def log_message(self, *args):  # keep pytest output clean
@@ -63,6 +68,7 @@ class serve:
     def __init__(self, script: ServerScript):
         handler = type("Handler", (_Handler,), {"script": script})
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.stopping = threading.Event()  # ends stalls, so closing need not wait for them
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> str:
@@ -70,6 +76,7 @@ class serve:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __exit__(self, *exc):
+        self.httpd.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()

@@ -30,7 +30,8 @@ def shell_commands(out: str) -> dict[str, str]:
         m = re.search(r"^(?:local)?rule (\w+):", block, re.M)
         c = re.search(r"^Shell command: (.*?)(?=\n\S|\Z)", block, re.M | re.S)
         if m and c and c.group(1).strip() != "None":
-            cmds[m.group(1)] = c.group(1).strip().rsplit(" > results/logs/", 1)[0]
+            # "> log 2>&1", or "2>&1 | tee log" (download_data shows its lines on the terminal)
+            cmds[m.group(1)] = re.split(r" (?:>|2>&1 \| tee) results/logs/", c.group(1).strip())[0]
     return cmds
 
 

@@ -82,7 +82,7 @@ def test_seed_reaches_every_training_entry_point(tmp_path):
     ("weight_decay", 0.05, "weight_decay"),
     ("learning_rate", 2e-4, "learning_rate"),
     ("per_device_train_batch_size", 5, "per_device_train_batch_size"),
-    ("max_steps", 77, "max_steps"),
+    ("max_steps", 177, "max_steps"),  # above save_steps (100): else no checkpoint, refused
     ("save_steps", 13, "save_steps"),
     ("save_total_limit", 3, "save_total_limit"),
     ("logging_steps", 4, "logging_steps"),

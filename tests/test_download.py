@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def test_bad_sha_format_and_missing_file(tmp_path):
 def http_run(tmp_path: Path, script: ServerScript, sha256: str | None = None, retries: int = 5) -> dict:
     with serve(script) as base:
         return download.run(f"{base}/AdvertiseGen.tar.gz", sha256 or sha(script.body),
-                            str(tmp_path / "out"), str(tmp_path / "cache"), retries=retries, timeout=5)
+                            str(tmp_path / "out"), str(tmp_path / "cache"), retries=retries, read_timeout=5)
 
 
 def test_http_plain(tmp_path):
@@ -234,6 +235,81 @@ def test_http_checksum_failure_leaves_no_cache_file(tmp_path):
     assert "http://127.0.0.1" in str(e.value)
     assert list((tmp_path / "cache").iterdir()) == []  # neither the final name nor a .part
     assert not (tmp_path / "out").exists()
+
+
+# --- bounds and what the user sees: timeouts, retry lines, bodies without Content-Length ----------
+
+def retry_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("attempt ")]
+
+
+def test_http_stall_is_bounded_and_told(tmp_path, caplog):
+    caplog.set_level("INFO", logger="llamapipe.download")
+    script = ServerScript(body=make_tar(good_members()), stall_seconds=60)  # accepts, never answers
+    started = time.monotonic()
+    with serve(script) as base, pytest.raises(PipelineError) as e:
+        download.run(f"{base}/AdvertiseGen.tar.gz", sha(script.body), str(tmp_path / "out"),
+                     str(tmp_path / "cache"), retries=1, connect_timeout=2, read_timeout=0.5)
+    assert time.monotonic() - started < 3  # two attempts of 0.5 s, no backoff in tests
+    url = f"{base}/AdvertiseGen.tar.gz"
+    assert caplog.records[0].getMessage() == f"fetching {url} (connect timeout 2 s, read timeout 0.5 s, retries 1)"
+    assert retry_lines(caplog) == ["attempt 1/2 failed: no data within the 0.5 s read timeout; next attempt in 0.0 s"]
+    assert str(e.value) == f"download of {url} failed after 2 attempts; the last: no data within the 0.5 s read timeout"
+    assert len(script.requests) == 2
+
+
+def test_http_connection_refused_reason_is_short(tmp_path, caplog):
+    with serve(ServerScript()) as base:
+        pass  # closed again
+    with pytest.raises(PipelineError, match="the last: connection failed: Connection refused$"):
+        download.run(f"{base}/x.tar.gz", "0" * 64, str(tmp_path / "o"), str(tmp_path / "c"), retries=1)
+    assert retry_lines(caplog) == ["attempt 1/2 failed: connection failed: Connection refused; next attempt in 0.0 s"]
+
+
+@pytest.mark.parametrize("ignore_range", [False, True], ids=["resumed", "refetched"])
+def test_http_no_length_cut_short_is_a_network_fault(tmp_path, caplog, ignore_range):
+    body = padded_archive()
+    script = ServerScript(body=body, no_length=True, drop_after=200_000, ignore_range=ignore_range)
+    http_run(tmp_path, script, retries=1)
+    assert resumed_from(script) == 200_000  # the whole cut-off body was kept, then resumed (or refetched)
+    assert retry_lines(caplog) == [
+        "attempt 1/2 failed: body ended after 200000 bytes without Content-Length; the archive is cut short; "
+        "next attempt in 0.0 s, resuming from byte 200000"]
+    assert (tmp_path / "cache" / "AdvertiseGen.tar.gz").read_bytes() == body
+    assert sorted(os.listdir(tmp_path / "cache")) == ["AdvertiseGen.tar.gz"]
+
+
+def test_http_no_length_complete_but_wrong_sha_is_a_checksum_error(tmp_path, caplog):
+    script = ServerScript(body=make_tar(good_members()), no_length=True)
+    with pytest.raises(PipelineError, match="sha256 mismatch.*fix the url or the sha256"):
+        http_run(tmp_path, script, sha256="f" * 64)
+    assert script.requests == [None] and retry_lines(caplog) == []
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_cut_short_tells_a_cut_archive_from_a_whole_or_foreign_one(tmp_path, mode):
+    data = make_tar(good_members() + [(tarfile.TarInfo("AdvertiseGen/pad.bin"), os.urandom(20_000))], mode=mode)
+    path = tmp_path / "a"
+    for cut, expected in [(len(data), False), (len(data) // 2, True), (2000, True)]:
+        path.write_bytes(data[:cut])
+        assert download._cut_short(path) is expected, (cut, len(data))
+    path.write_bytes(b"<html>502 Bad Gateway</html>")  # no archive at all: a checksum error, not a retry
+    assert download._cut_short(path) is False
+
+
+def test_cli_passes_the_bounds_to_run(monkeypatch):
+    from llamapipe import cli
+
+    seen = {}
+    monkeypatch.setattr(download, "run", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    params = {"url": "http://127.0.0.1:9/x.tar.gz", "sha256": "0" * 64, "retries": 2,
+              "connect_timeout": 3, "read_timeout": 4.5}
+    args = cli.build_parser().parse_args(
+        ["download-data", "--params", json.dumps(params), "--out", "o", "--cache-dir", "c"])
+    args.handler(args)
+    assert seen["args"] == (params["url"], params["sha256"], "o", "c")
+    assert seen["kwargs"] == {"retries": 2, "connect_timeout": 3, "read_timeout": 4.5}
 
 
 # --- tar safety ----------------------------------------------------------------------------------
@@ -357,3 +433,72 @@ def test_sample_generator_is_reproducible(tmp_path):
     # zlib build, so whole-file equality is only required where the archive was made.
     assert gzip.decompress(fresh) == gzip.decompress(shipped)
     assert fresh[:10] == shipped[:10] and fresh[4:8] == b"\0\0\0\0"
+
+
+# --- through Snakemake: the rule's lines reach the terminal ----------------------------------------
+
+def _overlay(project: Path, data: dict) -> str:
+    import yaml
+
+    (project / "overlay.yaml").write_text(yaml.safe_dump({"data": data}))
+    return "overlay.yaml"
+
+
+def test_rule_passes_the_bounds_with_schema_defaults(tmp_path):
+    import yaml
+
+    from conftest import copy_project, snakemake
+
+    project = copy_project(tmp_path / "project")
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    del config["data"]["connect_timeout"], config["data"]["read_timeout"]  # left to the schema's defaults
+    (project / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    overlay = _overlay(project, {"url": "http://127.0.0.1:9/AdvertiseGen.tar.gz", "read_timeout": 4.5})
+    out = snakemake(project, "-n", "-p", "data/AdvertiseGen/train.json", "--configfile", overlay).stdout
+    assert '"connect_timeout": 10, "read_timeout": 4.5, "retries": 5' in out
+    assert "2>&1 | tee results/logs/download_data.log" in out
+
+
+@pytest.mark.e2e
+def test_rule_shows_a_stalled_download_on_the_terminal(tmp_path):
+    import subprocess
+    import threading
+
+    from conftest import SNAKEMAKE, copy_project
+
+    project = copy_project(tmp_path / "project")
+    script = ServerScript(stall_seconds=600)  # accepts the connection, never answers
+    with serve(script) as base:
+        url = f"{base}/AdvertiseGen.tar.gz"
+        overlay = _overlay(project, {"url": url, "sha256": "0" * 64, "retries": 1, "connect_timeout": 2,
+                                     "read_timeout": 1})
+        started = time.monotonic()
+        proc = subprocess.Popen([*SNAKEMAKE, "--cores", "1", "data/AdvertiseGen/train.json", "--configfile", overlay],
+                                cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        watchdog = threading.Timer(300, proc.kill)
+        watchdog.start()
+        seen: dict[str, float] = {}
+        lines = []
+        try:
+            for line in proc.stdout:  # as Snakemake prints them: the terminal's view
+                lines.append(line)
+                for key, marker in (("job", "rule download_data:"), ("fetch", f"fetching {url}"),
+                                    ("retry", "attempt 1/2 failed"), ("error", "Error in rule download_data")):
+                    if marker in line:
+                        seen.setdefault(key, time.monotonic() - started)
+            proc.wait()
+        finally:
+            watchdog.cancel()
+    output = "".join(lines)
+    assert proc.returncode != 0, output  # pipefail: tee's success does not hide the stage's failure
+    assert seen.keys() == {"job", "fetch", "retry", "error"}, output
+    assert seen["job"] < seen["fetch"] < seen["retry"] < seen["error"]  # live, not only the log shown at the end
+    assert "attempt 1/2 failed: no data within the 1 s read timeout; next attempt in 1.0 s" in output
+    assert f"download of {url} failed after 2 attempts; the last: no data within the 1 s read timeout" in output
+    log = (project / "results" / "logs" / "download_data.log").read_text()
+    assert "attempt 1/2 failed" in log and len(log.splitlines()) < 20, log
+    assert not (project / "data" / "AdvertiseGen" / "train.json").exists()
+    print(f"\nfirst download line on the terminal {seen['fetch']:.2f} s after snakemake started "
+          f"({seen['fetch'] - seen['job']:.2f} s after the job did); first retry line at {seen['retry']:.2f} s; "
+          f"snakemake exited after {time.monotonic() - started:.2f} s")

@@ -186,7 +186,7 @@ def test_parallel_auto_takes_the_planners_layout_and_writes_plan_json(npu_projec
 def test_multi_node_plan_covers_all_cards():
     from llamapipe.parallel_config import apply_plan
 
-    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", parallel="auto"))
+    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2", parallel="auto"))
     result = apply_plan(cfg)
     assert result.setup.total_cards == 16
     assert result.chosen.layout.world == 16

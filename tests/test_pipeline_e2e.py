@@ -269,8 +269,11 @@ def test_a_kill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_
 
 def test_lora_switch_trains_adapters_and_merge_folds_them(tmp_path):
     project = copy_project(tmp_path / "lora")
+    # the ramp this test always ran (warmup 50 never reached 1.0e-2 in 30 steps), within the rules:
+    # warmup and save_steps inside the run
     (project / "lora.yaml").write_text(
-        "sft:\n  lora: true\n  max_steps: 30\n  learning_rate: 1.0e-2\npredict:\n  limit: 8\n"
+        "sft:\n  lora: true\n  max_steps: 30\n  learning_rate: 6.0e-3\n  warmup_steps: 29\n  save_steps: 30\n"
+        "predict:\n  limit: 8\n"
     )
     snakemake(project, "results/metrics.json", "--cores", "2", "--configfile", "lora.yaml")
     sft = project / "results/sft"

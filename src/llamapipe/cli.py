@@ -76,7 +76,8 @@ def _stage_download_data(a: argparse.Namespace) -> Any:
     from llamapipe.stages import download
 
     p = a.params
-    return download.run(p["url"], p["sha256"], a.out, a.cache_dir, retries=p.get("retries", 5))
+    bounds = {k: p[k] for k in ("retries", "connect_timeout", "read_timeout") if k in p}
+    return download.run(p["url"], p["sha256"], a.out, a.cache_dir, **bounds)
 
 
 def _stage_prepare_data(a: argparse.Namespace) -> Any:

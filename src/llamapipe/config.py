@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from llamapipe import config_rules
 from llamapipe.errors import PipelineError
 
 OVERLAID_SECTIONS = ("sft", "export", "predict")
@@ -31,43 +32,39 @@ def visible_cards(devices: str | None) -> list[int]:
 
 
 def resolve(config: dict) -> dict:
-    """The effective config: the target's overlays applied, cross-field rules checked."""
+    """The effective config: the target's overlays applied, every cross-field rule checked
+    (``llamapipe.config_rules``, all problems in one error), then the parallel layout planned."""
     cfg = copy.deepcopy(config)
-    target = cfg["target"]
+    # a rehearsal of the cpu target has no npu settings to replace: nothing else can be resolved
+    _stop_on(config_rules.rehearsal_needs_npu_target(cfg))
     if cfg.get("rehearsal"):
-        if target != "npu":
-            raise PipelineError("rehearsal: cpu rehearses the npu target; use it with target=npu")
         from llamapipe import rehearsal
 
         rehearsal.apply(cfg)  # the listed differences from a real NPU run, nothing else
-    if target == "npu":
-        npu = cfg["npu"]
-        for section in OVERLAID_SECTIONS:
-            cfg[section] = deep_merge(cfg[section], npu.get(section, {}))
-        if cfg.get("runtime", "local") == "local" and not cfg.get("rehearsal"):
-            cfg["runtime"] = "container"  # the guide: every NPU stage runs in the paddle-npu container
-        if not cfg.get("devices"):
-            cfg["devices"] = npu["devices"]
-        par = npu["parallel"]
-        if isinstance(par, dict):
-            degrees = par["tensor_parallel_degree"] * par["pipeline_parallel_degree"] * par["sharding_parallel_degree"]
-            world = len(visible_cards(cfg["devices"])) * npu["nodes"]
-            if world % degrees:
-                raise PipelineError(
-                    f"npu.parallel: tensor x pipeline x sharding = {degrees} does not divide the {world} cards "
-                    f"(devices {cfg['devices']!r} x nodes {npu['nodes']})"
-                )
+    if cfg["target"] == "npu":
+        _overlay_npu(cfg)
+    _stop_on(config_rules.check(cfg))
+    if cfg["target"] == "npu":
         from llamapipe.parallel_config import apply_plan
 
-        apply_plan(cfg)  # layouts that cannot fit the cards stop here, with the numbers
-    elif cfg.get("npu", {}).get("pretrain", {}).get("enabled"):
-        raise PipelineError("npu.pretrain.enabled needs target: npu (the cpu target fine-tunes only)")
-    if cfg["export"]["max_new_tokens"] < cfg["predict"]["max_new_tokens"]:
-        raise PipelineError(
-            f"predict.max_new_tokens ({cfg['predict']['max_new_tokens']}) exceeds export.max_new_tokens "
-            f"({cfg['export']['max_new_tokens']}): lengths are baked in at export"
-        )
+        # after the rules: its verdict (a layout that cannot fit the cards) is about the layout alone
+        apply_plan(cfg)
     return cfg
+
+
+def _overlay_npu(cfg: dict) -> None:
+    npu = cfg["npu"]
+    for section in OVERLAID_SECTIONS:
+        cfg[section] = deep_merge(cfg[section], npu.get(section, {}))
+    if cfg.get("runtime", "local") == "local" and not cfg.get("rehearsal"):
+        cfg["runtime"] = "container"  # the guide: every NPU stage runs in the paddle-npu container
+    if not cfg.get("devices"):
+        cfg["devices"] = npu["devices"]
+
+
+def _stop_on(problems: list[str]) -> None:
+    if problems:
+        raise PipelineError("\n".join(problems))
 
 
 def schema_path() -> str:

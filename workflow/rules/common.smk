@@ -110,7 +110,10 @@ def stage_params(stage):
             "paddlenlp_commit": CFG["npu"]["image"]["paddlenlp_commit"],
             "paddlenlp_checkout": host_checkout(),
         },
-        "download_data": {k: CFG["data"][k] for k in ("url", "sha256", "retries")},
+        "download_data": {
+            k: CFG["data"][k]
+            for k in ("url", "sha256", "retries", "connect_timeout", "read_timeout")
+        },
         "prepare_data": {
             k: CFG["data"][k] for k in ("on_error", "max_train", "max_dev")
         },

@@ -20,7 +20,9 @@ rule download_data:
             PATHS["download_cache"],
         ),
     shell:
-        "{params.cmd} > {log} 2>&1"
+        # On the terminal too: what is fetched, each retry. Snakemake's bash runs with
+        # `set -euo pipefail`, so the stage's exit status survives the pipe.
+        "{params.cmd} 2>&1 | tee {log}"
 
 
 rule prepare_data:

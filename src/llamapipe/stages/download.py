@@ -37,7 +37,10 @@ class _Retryable(Exception):
     """A transient HTTP failure (5xx, short body) worth another attempt."""
 
 
-def run(url: str, sha256: str, out_dir: str, cache_dir: str, retries: int = 5, timeout: float = 30.0) -> dict:
+def run(url: str, sha256: str, out_dir: str, cache_dir: str, retries: int = 5,
+        connect_timeout: float = 10.0, read_timeout: float = 30.0) -> dict:
+    """``retries``: attempts after the first; ``read_timeout``: seconds without a byte before an
+    attempt counts as stalled (http only)."""
     expected = sha256.strip().lower()
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
         raise PipelineError(f"sha256 for {url} must be 64 hex digits, got {sha256!r}")
@@ -60,7 +63,7 @@ def run(url: str, sha256: str, out_dir: str, cache_dir: str, retries: int = 5, t
         if scheme == "file":
             _copy_local(url, cache, expected)
         else:
-            _fetch_http(url, cache, expected, retries, timeout)
+            _fetch_http(url, cache, expected, retries, (connect_timeout, read_timeout))
 
     files = extract(cache, out_dir)
     log.info("extracted %d file(s) into %s", len(files), out_dir)
@@ -103,24 +106,32 @@ def _copy_local(url: str, cache: Path, expected: str) -> None:
     log.info("sha256 ok: %s", expected)
 
 
-def _fetch_http(url: str, cache: Path, expected: str, retries: int, timeout: float) -> None:
+def _fetch_http(url: str, cache: Path, expected: str, retries: int, timeouts: tuple[float, float]) -> None:
     import requests  # lazily: stages that never download should not pay for it
 
     transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                  _Retryable)
     cache.parent.mkdir(parents=True, exist_ok=True)
     part = cache.with_name(cache.name + ".part")
+    log.info("fetching %s (connect timeout %g s, read timeout %g s, retries %d)%s",
+             url, *timeouts, retries, _resume_note(part))
     with requests.Session() as session:
-        for attempt in range(retries + 1):
+        for attempt in range(1, retries + 2):
             try:
-                _http_attempt(session, url, part, timeout)
+                sized = _http_attempt(session, url, part, timeouts)
+                # Without a Content-Length only the archive itself can tell a cut-off body.
+                if not sized and sha256_file(part) != expected and _cut_short(part):
+                    raise _Retryable(f"body ended after {part.stat().st_size} bytes without Content-Length; "
+                                     "the archive is cut short")
                 break
             except transient as e:
-                if attempt == retries:
-                    raise PipelineError(f"download of {url} failed after {retries + 1} attempts: {e}") from None
-                delay = min(BACKOFF_SECONDS * 2**attempt, MAX_BACKOFF_SECONDS)
-                log.warning("download attempt %d/%d failed (%s); retrying in %.1f s",
-                            attempt + 1, retries + 1, e, delay)
+                why = _reason(e, timeouts)
+                if attempt > retries:
+                    raise PipelineError(f"download of {url} failed after {attempt} attempts; "
+                                        f"the last: {why}") from None
+                delay = min(BACKOFF_SECONDS * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+                log.warning("attempt %d/%d failed: %s; next attempt in %.1f s%s",
+                            attempt, retries + 1, why, delay, _resume_note(part))
                 time.sleep(delay)
             except requests.RequestException as e:  # a bad url, too many redirects: retrying won't help
                 raise PipelineError(f"download of {url} failed: {e}") from None
@@ -129,8 +140,37 @@ def _fetch_http(url: str, cache: Path, expected: str, retries: int, timeout: flo
     log.info("sha256 ok: %s; saved %s", expected, cache)
 
 
-def _http_attempt(session, url: str, part: Path, timeout: float) -> None:
-    """One GET, resuming from ``part`` if it exists; returns once the full size is on disk."""
+def _resume_note(part: Path) -> str:
+    size = part.stat().st_size if part.exists() else 0
+    return f", resuming from byte {size}" if size else ""
+
+
+def _reason(e: Exception, timeouts: tuple[float, float]) -> str:
+    """One short cause for the retry line: the timeout that fired, the socket error, or the
+    exception's own text."""
+    import requests
+    from urllib3.exceptions import ReadTimeoutError
+
+    inner = e.args[0] if e.args else None  # what requests wrapped
+    if isinstance(e, requests.ConnectTimeout):
+        return f"no connection within the {timeouts[0]:g} s connect timeout"
+    # A stall in the body surfaces as a ConnectionError wrapping urllib3's ReadTimeoutError.
+    if isinstance(e, requests.ReadTimeout) or isinstance(inner, ReadTimeoutError):
+        return f"no data within the {timeouts[1]:g} s read timeout"
+    if isinstance(e, requests.exceptions.ChunkedEncodingError) and isinstance(inner, Exception) and inner.args:
+        return str(inner.args[0])  # urllib3's "Connection broken: IncompleteRead(...)"
+    if isinstance(e, requests.ConnectionError):
+        cause = e.__context__
+        while cause is not None:  # down to the socket's error: "Connection refused", ...
+            if isinstance(cause, OSError) and cause.strerror:
+                return f"connection failed: {cause.strerror}"
+            cause = cause.__context__
+    return str(e)
+
+
+def _http_attempt(session, url: str, part: Path, timeouts: tuple[float, float]) -> bool:
+    """One GET, resuming from ``part`` if it exists; returns once the body is on disk, True if
+    its full size was known (False: the server sent no Content-Length)."""
     from tqdm import tqdm
 
     have = part.stat().st_size if part.exists() else 0
@@ -138,16 +178,13 @@ def _http_attempt(session, url: str, part: Path, timeout: float) -> None:
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-        log.info("resuming %s from byte %d", url, have)
-    else:
-        log.info("downloading %s", url)
 
-    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+    with session.get(url, headers=headers, stream=True, timeout=timeouts) as r:
         if r.status_code == 416 and have:
             # The server has nothing past our size: either the .part is complete or it is stale.
             total = r.headers.get("Content-Range", "").rpartition("/")[2]
             if total.isdigit() and int(total) == have:
-                return
+                return True
             part.unlink()
             raise _Retryable("server refused the resume range (416); restarting from zero")
         if r.status_code >= 500:
@@ -177,6 +214,25 @@ def _http_attempt(session, url: str, part: Path, timeout: float) -> None:
     size = part.stat().st_size
     if total is not None and size < total:
         raise _Retryable(f"connection closed after {size} of {total} bytes")
+    return total is not None
+
+
+def _cut_short(archive: Path) -> bool:
+    """Whether the archive stops early: a gzip/bz2/xz stream before its end marker, or a tar
+    inside a member or before its end-of-archive block. Not an archive at all: False."""
+    try:
+        _check_stream(archive)
+        with tarfile.open(archive, "r:*") as tf:
+            try:
+                tf.getmembers()
+            except tarfile.ReadError:  # "unexpected end of data": the last member is incomplete
+                return True
+            tf.fileobj.seek(tf.offset)  # where the members end: two zero blocks must follow
+            return tf.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE)
+    except EOFError:  # the compressed stream ended before its end-of-stream marker
+        return True
+    except (OSError, tarfile.TarError, zlib.error, lzma.LZMAError):  # corrupt, or no archive
+        return False
 
 
 # --- safe extraction ---------------------------------------------------------------------------

@@ -1,0 +1,548 @@
+"""Every cross-field rule of the resolved config, checked before any job starts.
+
+The schema checks each key alone; the rules here check keys against each other (and a
+``file:`` url against the file it names). Each rule is a function of the resolved config that
+returns its problems; each problem names the keys, their values and what would break, so one
+``check`` lists everything a user has to fix. Only real constraints belong here: each rule's
+docstring says what trips downstream without it.
+
+Imported at Snakefile parse time: pure Python, no Paddle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+from llamapipe.parallel_plan import KNOWN_MODELS
+from llamapipe.rehearsal import BASE_MODEL
+
+# max_position_embeddings of the hub models the planner knows (their config.json files).
+KNOWN_MAX_POSITIONS = {name: 4096 for name in KNOWN_MODELS if name.startswith("meta-llama/Llama-2-")}
+# upstream predictor.py's PredictorArgument.total_max_length default: export_args and
+# predictor_args do not pass it, and __post_init__ asserts src_length + max_length <= it.
+UPSTREAM_TOTAL_MAX_LENGTH = 4096
+DOWNLOAD_SCHEMES = ("http", "https", "file")  # what stages/download.py fetches
+IPS_LOOPBACK = "127.0.0.1"  # paddle.distributed.launch: "127.0.0.1 in ips is not allowed in multi-nodes"
+
+
+def check(cfg: dict) -> list[str]:
+    """All problems of the resolved config (empty: every rule holds)."""
+    return [problem for rule in RULES for problem in rule(cfg)]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _npu(cfg: dict) -> dict:
+    return cfg.get("npu") or {}
+
+
+def _on_npu(cfg: dict) -> bool:
+    return cfg["target"] == "npu"
+
+
+def _key(cfg: dict, dotted: str) -> str:
+    """The key a user sets: ``npu.sft.max_steps`` when the npu overlay supplied the value."""
+    section, name = dotted.split(".", 1)
+    overlay = _npu(cfg).get(section) if _on_npu(cfg) else None
+    return f"npu.{dotted}" if isinstance(overlay, dict) and name in overlay else dotted
+
+
+def builds_tiny_model(cfg: dict) -> bool:
+    """init_model builds ``model:`` on the cpu target, and in the rehearsal (npu with the tiny base)."""
+    return not _on_npu(cfg) or _npu(cfg).get("model_name_or_path") == BASE_MODEL
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The trained model's shape, and how messages name it."""
+
+    name: str  # where it comes from: "model" (the section), "npu.model_config" or a hub name
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    intermediate_size: int
+    max_positions: int | None
+
+    def key(self, field: str) -> str:
+        return f"model.{field}" if self.name == "model" else f"{field} of {self.name}"
+
+
+def _built_shape(model: dict) -> Shape:
+    heads = model["num_attention_heads"]
+    return Shape("model", model["hidden_size"], heads, model.get("num_key_value_heads") or heads,
+                 model["intermediate_size"], model.get("max_position_embeddings"))
+
+
+def _shape_from(name: str, data: dict, max_positions: int | None) -> Shape | None:
+    try:
+        heads = int(data["num_attention_heads"])
+        return Shape(name, int(data["hidden_size"]), heads, int(data.get("num_key_value_heads") or heads),
+                     int(data["intermediate_size"]), data.get("max_position_embeddings", max_positions))
+    except (KeyError, TypeError, ValueError):
+        return None  # the plan reports an unreadable shape
+
+
+def _model_config_json(text: str) -> dict | None:
+    """npu.model_config: a config.json path or the JSON itself (the rehearsal passes it inline)."""
+    try:
+        if not text.lstrip().startswith("{"):
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        data = json.loads(text)
+    except (OSError, ValueError):
+        return None  # the plan names the unreadable file
+    return data if isinstance(data, dict) else None
+
+
+def model_shape(cfg: dict) -> Shape | None:
+    """The shape of the model sft trains, when it is known before any job runs."""
+    if builds_tiny_model(cfg):
+        return _built_shape(cfg["model"])
+    npu = _npu(cfg)
+    if npu.get("model_config"):
+        data = _model_config_json(npu["model_config"])
+        return _shape_from("npu.model_config", data, None) if data else None
+    name = npu.get("model_name_or_path")
+    return _shape_from(name, KNOWN_MODELS[name], KNOWN_MAX_POSITIONS.get(name)) if name in KNOWN_MODELS else None
+
+
+def card_ids(cfg: dict) -> list[int]:
+    return [int(c) for c in cfg["devices"].split(",")] if cfg.get("devices") else []
+
+
+def _devices_key(cfg: dict) -> str:
+    """``devices`` when given, else the ``npu.devices`` that resolve copied into it."""
+    return "npu.devices" if cfg.get("devices") == _npu(cfg).get("devices") else "devices"
+
+
+# --- target ------------------------------------------------------------------------------------
+
+
+def rehearsal_needs_npu_target(cfg: dict) -> list[str]:
+    """The rehearsal replaces npu settings; on the cpu target there is nothing to rehearse."""
+    if cfg.get("rehearsal") and not _on_npu(cfg):
+        return [f"rehearsal ({cfg['rehearsal']}) rehearses the npu target: use it with target=npu "
+                f"(target is {cfg['target']})"]
+    return []
+
+
+def pretrain_needs_npu_target(cfg: dict) -> list[str]:
+    """Only the npu sft command runs run_pretrain.py; the cpu target would silently fine-tune."""
+    if not _on_npu(cfg) and _npu(cfg).get("pretrain", {}).get("enabled"):
+        return ["npu.pretrain.enabled needs target: npu (the cpu target fine-tunes only)"]
+    return []
+
+
+# --- model shape (the tiny LLaMA init_model builds) ---------------------------------------------
+# LlamaConfig and the LlamaForCausalLM constructor accept every one of these shapes; the first
+# forward pass (sft) fails with a bare Paddle shape error. Tried with paddlenlp 3.0.0b4.
+
+
+def hidden_size_splits_into_heads(cfg: dict) -> list[str]:
+    """hidden_size 130 over 4 heads: the q/k/v reshape fails ("capacity 2560 != in_size 2600")."""
+    if not builds_tiny_model(cfg):
+        return []
+    m = cfg["model"]
+    if m["hidden_size"] % m["num_attention_heads"]:
+        return [f"model.hidden_size ({m['hidden_size']}) is not a multiple of model.num_attention_heads "
+                f"({m['num_attention_heads']}): head_dim must be whole"]
+    return []
+
+
+def heads_split_into_kv_groups(cfg: dict) -> list[str]:
+    """4 heads over 3 (or 8) key/value heads: the attention matmul fails on the head axis."""
+    if not builds_tiny_model(cfg):
+        return []
+    m = cfg["model"]
+    heads, kv = m["num_attention_heads"], m.get("num_key_value_heads")
+    if kv and heads % kv:
+        return [f"model.num_attention_heads ({heads}) is not a multiple of model.num_key_value_heads ({kv}): "
+                f"each key/value head serves a whole group of query heads"]
+    return []
+
+
+def head_dim_is_even(cfg: dict) -> list[str]:
+    """hidden 12 over 4 heads (head_dim 3): rotary embedding's rotate_half fails to broadcast."""
+    if not builds_tiny_model(cfg):
+        return []
+    m = cfg["model"]
+    if m["hidden_size"] % m["num_attention_heads"]:
+        return []  # hidden_size_splits_into_heads says it
+    head_dim = m["hidden_size"] // m["num_attention_heads"]
+    if head_dim % 2:
+        return [f"model.hidden_size / model.num_attention_heads = {m['hidden_size']} / "
+                f"{m['num_attention_heads']} = head_dim {head_dim} is odd: rotary embeddings rotate pairs"]
+    return []
+
+
+# --- lengths -----------------------------------------------------------------------------------
+
+
+def prompt_leaves_room_for_target(cfg: dict) -> list[str]:
+    """Prompts are cut to src_length, targets to max_length minus the prompt: with
+    src_length >= max_length a long prompt keeps no target token (our encoder keeps only eos,
+    upstream's tokenizes the target with max_length <= 0), and sft learns nothing from it."""
+    sft = cfg["sft"]
+    if sft["src_length"] >= sft["max_length"]:
+        return [f"{_key(cfg, 'sft.src_length')} ({sft['src_length']}) must be less than "
+                f"{_key(cfg, 'sft.max_length')} ({sft['max_length']}): the prompt leaves no room for the target"]
+    return []
+
+
+def training_fits_positions(cfg: dict) -> list[str]:
+    """A training example longer than max_position_embeddings fails in the rotary embedding
+    (gather "index 32 >= 32"), at the first batch that holds one."""
+    shape = model_shape(cfg)
+    if not shape or not shape.max_positions:
+        return []
+    max_length = cfg["sft"]["max_length"]
+    if max_length > shape.max_positions:
+        return [f"{_key(cfg, 'sft.max_length')} ({max_length}) exceeds {shape.key('max_position_embeddings')} "
+                f"({shape.max_positions}): longer examples fail in the rotary embedding"]
+    return []
+
+
+def _decode_length(cfg: dict) -> tuple[int, str]:
+    """What export bakes in and predict decodes: prompt (src_length) + export.max_new_tokens."""
+    src, new = cfg["sft"]["src_length"], cfg["export"]["max_new_tokens"]
+    label = f"{_key(cfg, 'sft.src_length')} + {_key(cfg, 'export.max_new_tokens')} ({src} + {new} = {src + new})"
+    return src + new, label
+
+
+def decoding_fits_positions(cfg: dict) -> list[str]:
+    """Decoding reaches position src_length + max_new_tokens: our exported loop fails past
+    max_position_embeddings (gather "index 32 >= 32" from 20 + 20 on 32 positions; 20 + 13 still
+    decodes), and upstream export_model.py/predictor.py refuse src_length + max_length above it.
+    Upstream's bound, the stricter by one token, holds on both targets."""
+    shape = model_shape(cfg)
+    if not shape or not shape.max_positions:
+        return []
+    total, label = _decode_length(cfg)
+    if total > shape.max_positions:
+        return [f"{label} exceeds {shape.key('max_position_embeddings')} ({shape.max_positions}): "
+                f"export and predict decode past the model's positions"]
+    return []
+
+
+def decoding_fits_upstream_predictor(cfg: dict) -> list[str]:
+    """npu export/predict run upstream's PredictorArgument, which asserts src_length +
+    max_length <= total_max_length (4096 by default; export_args/predictor_args do not pass it)."""
+    if not _on_npu(cfg):
+        return []
+    total, label = _decode_length(cfg)
+    if total > UPSTREAM_TOTAL_MAX_LENGTH:
+        return [f"{label} exceeds {UPSTREAM_TOTAL_MAX_LENGTH}, upstream predictor's total_max_length: "
+                f"export_model.py would stop on its assertion"]
+    return []
+
+
+def predict_within_export(cfg: dict) -> list[str]:
+    """The exported graph is sized for export.max_new_tokens; predict refuses more, after
+    sft, merge and export have run."""
+    asked, baked = cfg["predict"]["max_new_tokens"], cfg["export"]["max_new_tokens"]
+    if asked > baked:
+        return [f"{_key(cfg, 'predict.max_new_tokens')} ({asked}) exceeds {_key(cfg, 'export.max_new_tokens')} "
+                f"({baked}): lengths are baked in at export"]
+    return []
+
+
+# --- training cadence --------------------------------------------------------------------------
+
+
+def warmup_ends_before_training(cfg: dict) -> list[str]:
+    """The linear schedule ramps up for warmup_steps, then decays: with warmup_steps >= max_steps
+    the run ends before the ramp does, so it never trains at sft.learning_rate (strict: at
+    warmup == max_steps the peak would come after the last step)."""
+    sft = cfg["sft"]
+    if sft["warmup_steps"] >= sft["max_steps"]:
+        return [f"{_key(cfg, 'sft.warmup_steps')} ({sft['warmup_steps']}) must be less than "
+                f"{_key(cfg, 'sft.max_steps')} ({sft['max_steps']}): the learning rate would never reach "
+                f"{_key(cfg, 'sft.learning_rate')}"]
+    return []
+
+
+def checkpoints_are_written(cfg: dict) -> list[str]:
+    """The Trainer saves when global_step % save_steps == 0: past max_steps it never saves, and a
+    killed sft starts over (upstream's own 1000 > 100 did exactly that)."""
+    sft = cfg["sft"]
+    if sft["save_steps"] > sft["max_steps"]:
+        return [f"{_key(cfg, 'sft.save_steps')} ({sft['save_steps']}) exceeds {_key(cfg, 'sft.max_steps')} "
+                f"({sft['max_steps']}): no checkpoint is ever written, so a killed run starts over"]
+    return []
+
+
+def losses_are_logged(cfg: dict) -> list[str]:
+    """The Trainer logs when global_step % logging_steps == 0: past max_steps there is no loss
+    log (the npu sft collector fails with "no loss lines"; the loss plot is empty)."""
+    sft = cfg["sft"]
+    if sft["logging_steps"] > sft["max_steps"]:
+        return [f"{_key(cfg, 'sft.logging_steps')} ({sft['logging_steps']}) exceeds {_key(cfg, 'sft.max_steps')} "
+                f"({sft['max_steps']}): no loss is ever logged"]
+    return []
+
+
+def lora_rank_is_low_rank(cfg: dict) -> list[str]:
+    """LoRA adapts q/k/v/o/gate/up/down: the update B @ A of a d_in x d_out weight has rank at
+    most min(d_in, d_out), so a larger lora_rank trains parameters that add no capacity (Paddle
+    does not refuse it: rank 100 on hidden 64 trains without error)."""
+    if not cfg["sft"]["lora"]:
+        return []
+    shape = model_shape(cfg)
+    if not shape:
+        return []
+    dims = {shape.key("hidden_size"): shape.hidden_size,
+            "the key/value width": shape.kv_heads * (shape.hidden_size // shape.heads),
+            shape.key("intermediate_size"): shape.intermediate_size}
+    limit_key = min(dims, key=dims.get)
+    rank = cfg["sft"]["lora_rank"]
+    if rank > dims[limit_key]:
+        return [f"{_key(cfg, 'sft.lora_rank')} ({rank}) exceeds {limit_key} ({dims[limit_key]}), the smallest "
+                f"dimension LoRA adapts: the extra rank trains parameters but adds no capacity"]
+    return []
+
+
+# --- cards and parallel layout (npu) ------------------------------------------------------------
+
+
+def cards_are_listed_once(cfg: dict) -> list[str]:
+    """A card twice would put two ranks on one card; the container runner refuses it at job time."""
+    if not _on_npu(cfg):
+        return []
+    ids = card_ids(cfg)
+    twice = sorted({c for c in ids if ids.count(c) > 1})
+    if twice:
+        return [f"{_devices_key(cfg)} ({cfg['devices']}): card(s) {', '.join(map(str, twice))} listed twice"]
+    return []
+
+
+def cards_are_ascending(cfg: dict) -> list[str]:
+    """CANN: ASCEND_RT_VISIBLE_DEVICES supports only device ids in ascending order."""
+    if not _on_npu(cfg):
+        return []
+    ids = card_ids(cfg)
+    if any(a > b for a, b in zip(ids, ids[1:])):
+        return [f"{_devices_key(cfg)} ({cfg['devices']}): card ids must be ascending "
+                f"(ASCEND_RT_VISIBLE_DEVICES accepts no other order)"]
+    return []
+
+
+def cards_are_on_one_node(cfg: dict) -> list[str]:
+    """Card ids are logical ids of one node, 0 .. cards_per_node-1: CANN reads the list only up to
+    the first invalid id (so training silently runs on fewer cards), and /dev/davinciN is missing."""
+    if not _on_npu(cfg):
+        return []
+    per_node = _npu(cfg).get("cards_per_node", 8)
+    outside = [c for c in card_ids(cfg) if c >= per_node]
+    if outside:
+        return [f"{_devices_key(cfg)} ({cfg['devices']}): card(s) {', '.join(map(str, outside))} not on a node of "
+                f"npu.cards_per_node ({per_node}) cards (ids 0-{per_node - 1})"]
+    return []
+
+
+def _degrees(cfg: dict) -> dict | None:
+    """The pinned degrees (None for ``parallel: auto``, where the planner picks a layout that fits)."""
+    par = _npu(cfg).get("parallel")
+    return par if _on_npu(cfg) and isinstance(par, dict) else None
+
+
+def layout_divides_cards(cfg: dict) -> list[str]:
+    """PaddleNLP asserts tp * pp divides the world and floors dp = world // (tp * pp * sharding);
+    the hybrid topology then needs tp * pp * sharding * dp to be the whole world."""
+    par = _degrees(cfg)
+    if not par:
+        return []
+    tp, pp, sh = (par["tensor_parallel_degree"], par["pipeline_parallel_degree"], par["sharding_parallel_degree"])
+    nodes = _npu(cfg)["nodes"]
+    world = len(card_ids(cfg)) * nodes
+    if world % (tp * pp * sh):
+        return [f"npu.parallel: tensor x pipeline x sharding = {tp} x {pp} x {sh} = {tp * pp * sh} does not divide "
+                f"the {world} cards ({_devices_key(cfg)} {cfg['devices']!r} x npu.nodes {nodes})"]
+    return []
+
+
+def tensor_parallel_splits_heads(cfg: dict) -> list[str]:
+    """PaddleNLP's LlamaAttention asserts num_heads % tensor_parallel_degree == 0 (and with
+    fuse_attention_qkv raises for key/value heads)."""
+    par, shape = _degrees(cfg), model_shape(cfg)
+    if not par or not shape:
+        return []
+    tp = par["tensor_parallel_degree"]
+    return [f"npu.parallel.tensor_parallel_degree ({tp}) does not divide {shape.key(field)} ({heads}): "
+            f"each card holds whole heads"
+            for field, heads in (("num_attention_heads", shape.heads), ("num_key_value_heads", shape.kv_heads))
+            if heads % tp]
+
+
+# --- nodes (npu) -------------------------------------------------------------------------------
+
+
+def _multi_node(cfg: dict) -> bool:
+    return _on_npu(cfg) and _npu(cfg).get("nodes", 1) > 1
+
+
+def _split_host_port(master: str) -> tuple[str, int] | None:
+    host, sep, port = master.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _ips(cfg: dict) -> list[str]:
+    return [ip.strip() for ip in (_npu(cfg).get("ips") or "").split(",") if ip.strip()]
+
+
+def nodes_have_a_master(cfg: dict) -> list[str]:
+    """Without --master every node's launcher starts its own rendezvous server ("Copy the
+    following command to other nodes") and waits for peers that never come."""
+    if not _multi_node(cfg):
+        return []
+    npu = _npu(cfg)
+    if not npu.get("master"):
+        return [f"npu.nodes ({npu['nodes']}) > 1 needs npu.master (host:port of the first node)"]
+    if not _split_host_port(npu["master"]):
+        return [f"npu.master ({npu['master']!r}) is not host:port"]
+    return []
+
+
+def nodes_are_listed(cfg: dict) -> list[str]:
+    """npu.ips names every node (docs/cluster.md), which is what master_is_a_node checks against:
+    one address per node, each once; paddle.distributed.launch raises for 127.0.0.1 among several
+    (and, without --master, takes each node's ranks from its index in the list)."""
+    if not _multi_node(cfg):
+        return []
+    npu, ips = _npu(cfg), _ips(cfg)
+    if not ips:
+        return [f"npu.nodes ({npu['nodes']}) > 1 needs npu.ips (the address of every node, comma-separated)"]
+    problems = []
+    if len(ips) != npu["nodes"]:
+        problems.append(f"npu.ips ({npu['ips']}) lists {len(ips)} address(es) for npu.nodes ({npu['nodes']})")
+    if len(set(ips)) != len(ips):
+        problems.append(f"npu.ips ({npu['ips']}) lists an address twice: two nodes would take the same ranks")
+    if IPS_LOOPBACK in ips:
+        problems.append(f"npu.ips ({npu['ips']}) holds {IPS_LOOPBACK}: other nodes cannot reach it "
+                        f"(paddle.distributed.launch refuses it)")
+    return problems
+
+
+def master_is_a_node(cfg: dict) -> list[str]:
+    """Only the launcher whose node address equals the master host starts the rendezvous server:
+    a master outside the nodes (or a hostname instead of the address) leaves every node waiting."""
+    if not _multi_node(cfg) or not _ips(cfg) or not _split_host_port(_npu(cfg).get("master") or ""):
+        return []
+    host = _split_host_port(_npu(cfg)["master"])[0]
+    if host not in _ips(cfg):
+        return [f"npu.master host {host} is not one of npu.ips ({_npu(cfg)['ips']})"]
+    return []
+
+
+def nodes_share_the_host_network(cfg: dict) -> list[str]:
+    """The launchers and HCCL connect to each other's addresses: a container on network none or
+    bridge (no published ports) cannot be reached from the other nodes."""
+    if not _multi_node(cfg) or cfg.get("runtime") != "container":
+        return []
+    network = _npu(cfg).get("network", "host")
+    if network != "host":
+        return [f"npu.nodes ({_npu(cfg)['nodes']}) > 1 needs npu.network: host (got {network}): "
+                f"the nodes must reach each other"]
+    return []
+
+
+# --- download source ---------------------------------------------------------------------------
+
+
+def _url_scheme(url: str) -> str:
+    return urlparse(url).scheme.lower()
+
+
+def url_scheme_is_fetchable(cfg: dict) -> list[str]:
+    """stages/download.py fetches http(s):// and file: only."""
+    url = cfg["data"]["url"]
+    if _url_scheme(url) not in DOWNLOAD_SCHEMES:
+        return [f"data.url ({url}): scheme {_url_scheme(url) or '(none)'!r} cannot be fetched; "
+                f"use http://, https:// or file:"]
+    return []
+
+
+def url_names_a_file(cfg: dict) -> list[str]:
+    """The download caches the archive under the url's file name and refuses a url without one."""
+    url = cfg["data"]["url"]
+    if _url_scheme(url) in DOWNLOAD_SCHEMES and not posixpath.basename(urlparse(url).path):
+        return [f"data.url ({url}) names no file: the download needs the archive's file name"]
+    return []
+
+
+def _local_archive_problem(url: str) -> str | None:
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        return f"names host {parsed.netloc!r}; use file:///absolute/path or file:relative/path"
+    path = unquote(parsed.path)
+    if not path or not os.path.exists(path):
+        return f"no such file {os.path.abspath(path)} (a relative path is relative to the project directory)"
+    if not os.path.isfile(path):
+        return f"{os.path.abspath(path)} is not a regular file"
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except OSError as err:
+        return f"{os.path.abspath(path)} cannot be read: {err.strerror or err}"
+    if not is_tar:
+        return f"{os.path.abspath(path)} is not a tar archive (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz)"
+    return None
+
+
+def local_archive_exists(cfg: dict) -> list[str]:
+    """A file: url is read when download_data runs, after preflight: check it now. Relative paths
+    are relative to the project directory, the working directory of Snakemake and of every job.
+    The content is checked, as extract opens it (tarfile "r:*"), not the file name."""
+    url = cfg["data"]["url"]
+    if _url_scheme(url) != "file" or not posixpath.basename(urlparse(url).path):
+        return []
+    problem = _local_archive_problem(url)
+    return [f"data.url ({url}): {problem}"] if problem else []
+
+
+def sha256_is_hex(cfg: dict) -> list[str]:
+    """The download verifies the archive against 64 hex digits and refuses anything else."""
+    digest = str(cfg["data"]["sha256"]).strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        return [f"data.sha256 ({digest!r}) must be 64 hex digits (got {len(digest)} characters)"]
+    return []
+
+
+Rule = Callable[[dict], "list[str]"]
+RULES: tuple[Rule, ...] = (
+    rehearsal_needs_npu_target,
+    pretrain_needs_npu_target,
+    hidden_size_splits_into_heads,
+    heads_split_into_kv_groups,
+    head_dim_is_even,
+    prompt_leaves_room_for_target,
+    training_fits_positions,
+    decoding_fits_positions,
+    decoding_fits_upstream_predictor,
+    predict_within_export,
+    warmup_ends_before_training,
+    checkpoints_are_written,
+    losses_are_logged,
+    lora_rank_is_low_rank,
+    cards_are_listed_once,
+    cards_are_ascending,
+    cards_are_on_one_node,
+    layout_divides_cards,
+    tensor_parallel_splits_heads,
+    nodes_have_a_master,
+    nodes_are_listed,
+    master_is_a_node,
+    nodes_share_the_host_network,
+    url_scheme_is_fetchable,
+    url_names_a_file,
+    local_archive_exists,
+    sha256_is_hex,
+)
