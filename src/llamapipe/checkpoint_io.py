@@ -25,6 +25,7 @@ MERGED_WEIGHTS = "model_state.pdparams"
 # last file of every checkpoint-N, and get_last_checkpoint resumes from the newest *complete* one
 # (without it, a kill during a save leaves a newest checkpoint that every rerun fails to load).
 COMPLETE_CHECKPOINTS_ENV = {"FLAG_LLM_PDC": "True"}
+CHECKPOINT_DONE = ".checkpoint_done"  # what the Trainer writes last into a checkpoint under that switch
 BASE_MODEL_POINTER = "base_model.json"  # npu: names the hub model whose weights are not stored here
 TP_SHARD = re.compile(r"^model_state\.tp(\d+)\.pdparams$")
 
@@ -121,3 +122,27 @@ def fix_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     fixed["torch_dtype"] = dtype
     fixed["dtype"] = dtype
     return fixed
+
+
+def _step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
+    """``save_total_limit`` after a run: keep the newest ``keep`` complete ``checkpoint-N`` dirs,
+    remove older ones and every incomplete one older than the newest complete (it can never be
+    resumed from). Returns what was removed. PaddleNLP's Trainer rotates only under the launcher
+    with several processes (``local_rank == 0``); one card or one process keeps every checkpoint."""
+    import shutil
+
+    found = sorted((p for p in Path(ckpt_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=_step)
+    complete = [p for p in found if (p / CHECKPOINT_DONE).is_file()]
+    if keep <= 0 or not complete:
+        return []
+    kept = set(complete[-keep:])
+    newest = _step(complete[-1])
+    doomed = [p for p in found if p not in kept and _step(p) < newest]
+    for p in doomed:
+        shutil.rmtree(p)
+    return [p.name for p in doomed]

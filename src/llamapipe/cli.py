@@ -50,7 +50,7 @@ def _build_image(a: argparse.Namespace) -> Any:
 def _collect_sft(a: argparse.Namespace) -> Any:
     from llamapipe.stages import collect
 
-    return collect.collect_sft(a.ckpt_dir, a.out, a.launch_logs)
+    return collect.collect_sft(a.ckpt_dir, a.out, a.launch_logs, int(a.save_total_limit))
 
 
 def _fetch_paddlenlp(a: argparse.Namespace) -> Any:
@@ -185,7 +185,7 @@ TOOLS: dict[str, Any] = {
                      ("--out", "npu.json")]),
     "collect-sft": (_collect_sft, "upstream run_finetune.py output -> results/sft",
                     [("--ckpt-dir", "upstream output_dir"), ("--launch-logs", "paddle.distributed.launch --log_dir"),
-                     ("--out", "sft output")]),
+                     ("--out", "sft output"), ("--save-total-limit", "checkpoints kept (sft.save_total_limit)")]),
     "fetch-paddlenlp": (_fetch_paddlenlp, "clone PaddleNLP at the pinned commit (the rehearsal, no checkout given)",
                         [("--repo", "git URL"), ("--commit", "commit"), ("--out", "checkout dir")]),
     "check-outputs": (_check_outputs, "fail unless an upstream step wrote its outputs",

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from llamapipe import checkpoint_io
 from llamapipe.atomic import atomic_dir, write_json
 from llamapipe.errors import PipelineError
 
@@ -37,9 +38,10 @@ def parse_trainer_log(lines: Any) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "") -> dict:
+def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_limit: int = 0) -> dict:
     """run_finetune.py's final save (top-level files of its output_dir, TP ranks already merged
-    by save_model(merge_tensor_parallel=True)) -> results/sft; checkpoint-N dirs stay behind."""
+    by save_model(merge_tensor_parallel=True)) -> results/sft; checkpoint-N dirs stay behind,
+    at most ``save_total_limit`` of them (the Trainer rotates them only with several processes)."""
     src = Path(ckpt_dir)
     files = [p for p in src.iterdir() if p.is_file()] if src.is_dir() else []
     has_config = any((src / name).is_file() for name in ("config.json", "lora_config.json"))
@@ -59,6 +61,9 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "") -> dict:
                    "first_loss": history[0]["loss"] if history else None,
                    "final_loss": history[-1]["loss"] if history else None}
         write_json(tmp / "train_summary.json", summary)
+    removed = checkpoint_io.prune_checkpoints(src, save_total_limit)
+    if removed:
+        log.info("save_total_limit %d: removed %s", save_total_limit, ", ".join(removed))
     return summary
 
 

@@ -124,7 +124,7 @@ def resumable_trainer(seed: int) -> Any:
       its order from ``set_epoch``, which the Trainer calls every epoch: seeded per epoch here.
     - ``save_total_limit``: the Trainer rotates only when ``local_rank == 0``, i.e. under
       ``paddle.distributed.launch``; a plain process has ``local_rank == -1`` and kept every
-      checkpoint. Rotated here after the save is marked complete, by step number.
+      checkpoint. Pruned here after the save is marked complete, by step number.
     """
     from paddle.io import DistributedBatchSampler
     from paddlenlp.trainer import Trainer
@@ -144,8 +144,8 @@ def resumable_trainer(seed: int) -> Any:
 
         def _save_checkpoint(self, model, metrics=None):
             super()._save_checkpoint(model, metrics=metrics)
-            if self.args.local_rank == -1:
-                self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
+            if self.args.local_rank == -1 and self.args.save_total_limit:
+                checkpoint_io.prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
 
     return ResumableTrainer
 
