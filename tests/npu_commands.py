@@ -8,12 +8,18 @@ these pieces whole, never as substrings: ``--max_steps 100`` must not match ``--
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
 
+from llamapipe import commands
+
 UPSTREAM_SCRIPTS = ("run_finetune.py", "run_pretrain.py", "predict/export_model.py", "predict/predictor.py",
                     "tools/merge_lora_params.py")
+# the collective smoke test's per-rank script, as the launcher gets it (an absolute path)
+SMOKE_SCRIPT = os.path.join(commands.package_src_dir(), commands.SMOKE_SCRIPT)
+COLLECTIVE_CHECK = ["python", "-m", "llamapipe.collective_check"]
 
 
 @dataclass
@@ -79,3 +85,10 @@ def launcher(step: list[str], script: str) -> tuple[list[str], dict[str, str | N
     """(the argv before the launcher's flags, the launcher's flags) of a paddle.distributed.launch step."""
     head = step.index("paddle.distributed.launch") + 1
     return step[:head], flags(step[head:step.index(script)])
+
+
+def collective_check(step: list[str]) -> tuple[dict[str, str | None], list[str]]:
+    """(the supervisor's flags, the launcher step it runs) of smoke_collective's step."""
+    assert step[:3] == COLLECTIVE_CHECK, step
+    cut = step.index("--")
+    return flags(step[3:cut]), step[cut + 1:]

@@ -166,3 +166,16 @@ def test_launcher_follows_the_device_whatever_string_object_carries_it(tmp_path)
     assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--devices", "0,1,2,3,4,5,6,7"]
     cfg["npu"]["device"] = "".join(["c", "pu"])
     assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--nproc_per_node", "8"]
+
+
+def test_smoke_knobs_reach_the_collective_check(tmp_path):
+    """npu.smoke_timeout_s is the supervisor's --timeout; npu.smoke_devices (the rehearsal's,
+    npu.device cpu) sets its ranks and the launcher's processes, not sft's."""
+    paths = {**PATHS, "smoke_collective": "results/smoke_collective.json",
+             "smoke_launch_logs": "results/logs/smoke_collective_launch"}
+    cfg = _cfg(tmp_path, target="npu", npu={"smoke_timeout_s": 42, "device": "cpu", "smoke_devices": "0,1,2"})
+    step = commands._npu_smoke_collective(cfg, paths, "/p")[-1].split("; ")[-1].split()
+    check, launch = step[:step.index("--")], step[step.index("--") + 1:]
+    assert (_opts(check[3:])["--timeout"], _opts(check[3:])["--cards"]) == ("42", "0,1,2")
+    assert _opts(launch[4:-3])["--nproc_per_node"] == "3"
+    assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--nproc_per_node", "8"]  # sft's

@@ -223,6 +223,13 @@ def test_cards_on_one_node(tmp_path):
     assert problems(tmp_path, target="npu", devices="4,5,6,7", npu=SEVEN_B_ON_FOUR) == []
 
 
+def test_smoke_test_runs_on_every_card_sft_uses(tmp_path):
+    message = refused(tmp_path, target="npu", npu={"smoke_devices": "0,1"})
+    assert ("npu.smoke_devices (0,1) is for npu.device cpu (the rehearsal): on the cards the smoke test runs on "
+            "every card sft uses (npu.devices: 0,1,2,3,4,5,6,7)") in message
+    assert problems(tmp_path, target="npu", rehearsal="cpu") == []  # the rehearsal sets it, with npu.device cpu
+
+
 def test_layout_divides_the_cards(tmp_path):
     message = refused(tmp_path, target="npu", devices="0,1,2,3")
     assert "npu.parallel: tensor x pipeline x sharding = 8 x 1 x 1 = 8 does not divide the 4 cards" in message

@@ -14,8 +14,17 @@ import shlex
 import pytest
 
 from conftest import copy_project, snakemake
-from llamapipe import commands
-from npu_commands import find_step, flags, launcher, parse, script_flags, shell_commands
+from llamapipe import commands, upstream_npu
+from npu_commands import (
+    SMOKE_SCRIPT,
+    collective_check,
+    find_step,
+    flags,
+    launcher,
+    parse,
+    script_flags,
+    shell_commands,
+)
 
 P = "{project}"  # the project directory in expected values
 
@@ -51,6 +60,10 @@ OURS_SFT = {
 UPSTREAM_SFT_LAUNCH = {"--devices": "0,1,2,3,4,5,6,7", "--log_dir": "./sft_bf16_llama_N1C8"}
 OURS_LAUNCH = {"--log_dir": (f"{P}/results/logs/sft_launch", "beside the rule's log; collect-sft reads "
                                                                 "workerlog.0")}
+# devices: 4,5,6,7 (upstream's scripts know only all eight cards)
+OURS_LAUNCH_4567 = {"--devices": ("0,1,2,3", "the runtime's ids: ASCEND_RT_VISIBLE_DEVICES=4,5,6,7 leaves it cards "
+                                             "0-3, and the launcher looks each --devices id up among them")}
+SMOKE_LOGS = f"{P}/results/logs/smoke_collective_launch"
 # llama_npu_lora_N1C8.sh against the sft script: other model/log names, no sharding, lora on.
 UPSTREAM_LORA_CHANGES = {
     "--model_name_or_path": "meta-llama/Llama-2-13b-chat", "--output_dir": "./output/lora_bf16_llama_N1C8",
@@ -164,6 +177,17 @@ def npu_dry(tmp_path_factory):
     return project.resolve(), cmds, {k: parse(v) for k, v in lora.items()}
 
 
+@pytest.fixture(scope="module")
+def npu_dry_4567(tmp_path_factory):
+    """The npu dry-run on cards 4-7 (llama2-7b at tensor parallel 4: 13b does not fit 4 cards)."""
+    project = copy_project(tmp_path_factory.mktemp("npucmd4567") / "project")
+    (project / "tp4.yaml").write_text(
+        "npu:\n  model_name_or_path: meta-llama/Llama-2-7b\n  parallel:\n    tensor_parallel_degree: 4\n")
+    out = snakemake(project, "-n", "-p", "results/sft", "--configfile", "tp4.yaml", "--config", "target=npu",
+                    "devices=4,5,6,7").stdout
+    return project.resolve(), {k: parse(v) for k, v in shell_commands(out).items()}
+
+
 def test_sft_is_upstreams_n1c8_script_plus_the_listed_differences(npu_dry):
     project, cmds, _ = npu_dry
     sft = cmds["sft"]
@@ -175,7 +199,71 @@ def test_sft_is_upstreams_n1c8_script_plus_the_listed_differences(npu_dry):
     training_env = [["export", f"{k}={v}"] for k, v in sorted(NPU_ENV.items())]  # as the N1C8 script exports
     assert sft.steps == ASCEND_PRELUDE + CHECKOUT_PRELUDE + training_env + [["export", "FLAG_LLM_PDC=True"], step, [
         "python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", f"{project}/results/checkpoints/sft",
-        "--launch-logs", f"{project}/results/logs/sft_launch", "--out", f"{project}/results/sft"]]
+        "--launch-logs", f"{project}/results/logs/sft_launch", "--out", f"{project}/results/sft",
+        "--save-total-limit", "2"]]
+
+
+def smoke_is_sfts_launch(cmds: dict, project, cards: str) -> dict:
+    """smoke_collective against sft: the same container (cards, image, mounts, env), the same
+    script prelude and exports step for step, the same launcher head and flags but --log_dir;
+    then the supervisor's flags, exactly. Returns the launcher's flags."""
+    sft, smoke = cmds["sft"], cmds["smoke_collective"]
+    assert {**smoke.spec, "rule": "sft"} == sft.spec
+    sft_step = find_step(sft, "run_finetune.py")
+    *env_steps, step = smoke.steps
+    assert env_steps == sft.steps[:sft.steps.index(sft_step)]
+    check, launch_step = collective_check(step)
+    logs = SMOKE_LOGS.replace(P, str(project))
+    assert check == {"--timeout": "300", "--cards": cards, "--reports": f"{logs}/ranks", "--launch-logs": logs,
+                     "--out": f"{project}/results/smoke_collective.json"}
+    head, launch = launcher(launch_step, SMOKE_SCRIPT)
+    sft_head, sft_launch = launcher(sft_step, "run_finetune.py")
+    assert head == sft_head == ["python", "-u", "-m", "paddle.distributed.launch"]
+    assert launch == {**sft_launch, "--log_dir": logs}
+    assert script_flags(launch_step, SMOKE_SCRIPT) == {"--reports": f"{logs}/ranks"}
+    return launch
+
+
+def test_smoke_collective_runs_sfts_launcher_on_sfts_cards_in_sfts_environment(npu_dry):
+    project, cmds, _ = npu_dry
+    launch = smoke_is_sfts_launch(cmds, project, "0,1,2,3,4,5,6,7")
+    assert launch == {"--devices": "0,1,2,3,4,5,6,7", "--log_dir": SMOKE_LOGS.replace(P, str(project))}
+    assert set(NPU_ENV) <= {s[1].split("=")[0] for s in cmds["smoke_collective"].steps if s[0] == "export"}
+
+
+def test_cards_4_to_7_are_launched_as_the_runtimes_0_to_3(npu_dry_4567):
+    project, cmds = npu_dry_4567
+    step = find_step(cmds["sft"], "run_finetune.py")
+    assert launcher(step, "run_finetune.py")[1] == expected(UPSTREAM_SFT_LAUNCH, {**OURS_LAUNCH, **OURS_LAUNCH_4567},
+                                                           project)
+    for rule in ("sft", "smoke_collective"):
+        spec = cmds[rule].spec
+        assert spec["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "4,5,6,7", rule
+        assert spec["devices"] == [f"/dev/davinci{c}" for c in (4, 5, 6, 7)] + [
+            "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc"], rule
+    launch = smoke_is_sfts_launch(cmds, project, "4,5,6,7")
+    assert launch["--devices"] == "0,1,2,3"
+
+
+@pytest.mark.parametrize("cards", ["0,1,2,3,4,5,6,7", "4,5,6,7", "2,5"])
+def test_paddles_launcher_puts_one_rank_on_each_card_we_ask_for(monkeypatch, cards):
+    """paddle.distributed.launch's own device lookup (launch/context/device.py) as the paddle-npu
+    image runs it: PADDLE_XCCL_BACKEND=npu, no NPU_VISIBLE_DEVICES, so its labels are the cards the
+    runtime shows, 0..n-1 (ASCEND_RT_VISIBLE_DEVICES applied); rank i gets FLAGS_selected_npus=i."""
+    from paddle.distributed.launch.context import device as launch_device
+
+    n = len(cards.split(","))
+    monkeypatch.setenv("PADDLE_XCCL_BACKEND", "npu")
+    monkeypatch.delenv("NPU_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(launch_device, "get_available_custom_device", lambda: [f"npu:{i}" for i in range(n)])
+    dev = launch_device.Device.parse_device()
+    argv = upstream_npu.launch_argv({"devices": cards, "npu": {"device": "npu", "nodes": 1}}, "x.py", "logs")
+    ours = argv[argv.index("--devices") + 1]
+    assert dev.get_selected_device_key() == "FLAGS_selected_npus"
+    assert dev.get_selected_devices(ours) == [str(i) for i in range(n)]
+    if cards != ours:  # the host's ids, what the launcher got before: no such label
+        with pytest.raises(ValueError, match="is not in list"):
+            dev.get_selected_devices(cards)
 
 
 def test_pretrain_is_upstreams_ppt_script_plus_the_listed_differences(npu_dry):

@@ -12,13 +12,13 @@ import shlex
 
 import pytest
 
-from conftest import copy_project, snakemake
+from conftest import copy_project, planned_jobs, snakemake
 from llamapipe import commands, upstream_npu
 from llamapipe.config import resolve
 from llamapipe.errors import PipelineError
 
-NPU_RULES = ["preflight", "plan", "pull_image", "build_image", "build_ops", "download_data", "prepare_data",
-             "init_model", "sft", "merge", "export", "predict"]
+NPU_RULES = ["preflight", "plan", "pull_image", "build_image", "preflight_image", "build_ops", "download_data",
+             "prepare_data", "init_model", "smoke_collective", "sft", "merge", "export", "predict"]
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,29 @@ def test_npu_rule_order(npu_project):
     edges = rule_edges(npu_project)
     for edge in [("preflight", "pull_image"), ("pull_image", "build_image"), ("build_image", "build_ops"),
                  ("build_ops", "export"), ("build_ops", "predict"), ("build_image", "sft"),
+                 ("build_image", "smoke_collective"), ("smoke_collective", "sft"),
                  ("prepare_data", "sft"), ("init_model", "sft"), ("sft", "merge"), ("merge", "export"),
-                 ("export", "predict"), ("predict", "evaluate")]:
+                 ("export", "predict"), ("predict", "evaluate"), ("preflight", "plan"),
+                 ("build_image", "preflight_image"), ("preflight_image", "build_ops"), ("preflight_image", "sft"),
+                 ("preflight_image", "download_data")]:
         assert edge in edges, edge
+
+
+def test_smoke_collective_runs_before_sft_on_npu_only(npu_project):
+    out = dry_run(npu_project)
+    order = re.findall(r"^rule (\w+):", out, re.M)
+    assert order.index("smoke_collective") < order.index("sft")
+    sft = re.search(r"^rule sft:\n    input: (.*)$", out, re.M).group(1).split(", ")
+    assert "results/smoke_collective.json" in sft
+    cpu = planned_jobs(npu_project, "results/metrics.json")  # config.yaml's target: cpu
+    assert "sft" in cpu and "smoke_collective" not in cpu
 
 
 def test_npu_resources_keep_jobs_off_the_same_cards(npu_project):
     out = dry_run(npu_project)
     blocks = {m.group(1): m.group(0) for m in re.finditer(r"rule (\w+):.*?(?=\n\[|\Z)", out, re.S)}
     assert "npu=8" in blocks["sft"]
+    assert "npu=8" in blocks["smoke_collective"]
     assert "npu=1" in blocks["predict"]
 
 
@@ -177,7 +191,11 @@ def test_parallel_auto_takes_the_planners_layout_and_writes_plan_json(npu_projec
     args = ["--config", "target=npu", "--configfile", "auto.yaml"]
     sft = script_of(shell_commands(snakemake(npu_project, "-n", "-p", "results/metrics.json", *args).stdout)["sft"])
     assert "--tensor_parallel_degree 8" in sft and "--pipeline_parallel_degree 1" in sft
-    snakemake(npu_project, "results/plan.json", "--cores", "1", *args)  # pure computation: runs anywhere
+    # the plan rule runs after preflight (its measured HBM caps the memory): a preflight that measured
+    # nothing (as on a host without cards) leaves the configured 64 GB
+    (npu_project / "results").mkdir(exist_ok=True)
+    (npu_project / "results/preflight.json").write_text('{"target": "npu", "problems": []}')
+    snakemake(npu_project, "results/plan.json", "--cores", "1", *args)
     plan = json.loads((npu_project / "results/plan.json").read_text())
     assert (plan["chosen"]["tp"], plan["chosen"]["pp"]) == (8, 1)
     assert any((c["tp"], c["pp"]) == (8, 1) for c in plan["fitting"])

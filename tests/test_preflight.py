@@ -1,39 +1,26 @@
-"""preflight on npu, on a fake host (no Ascend hardware here): a temp dir stands in for /dev
-and /usr/local/Ascend, a script stands in for lspci."""
+"""preflight on npu, on a fake host (no Ascend hardware here): tests/fake_ascend.py's temp tree
+stands in for /dev, /usr/local/Ascend and /proc, scripts stand in for lspci and npu-smi.
+(Each check alone: tests/test_ascend_checks.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 
 import pytest
 
+from fake_ascend import PAIRING, build
 from llamapipe.errors import PipelineError
+from llamapipe.rehearsal import BASE_MODEL
 from llamapipe.stages import preflight
 
-LSPCI_910 = "\n".join(f"{bus}:00.0 Processing accelerators: Huawei Technologies Co., Ltd. Device d802 (rev 20)"
-                      for bus in ("28", "29", "38", "39", "48", "49", "59", "5a"))
 
-
-def fake_host(tmp_path, cards=range(8), driver="23.0.3", cann="8.0.RC1", lspci=LSPCI_910):
-    dev, ascend, bindir = tmp_path / "fake-dev", tmp_path / "fake-ascend", tmp_path / "bin"
-    for d in (dev, ascend / "driver", ascend / "ascend-toolkit/latest/x86_64-linux", bindir):
-        d.mkdir(parents=True)
-    for c in cards:
-        (dev / f"davinci{c}").touch()
-    for node in ("davinci_manager", "devmm_svm", "hisi_hdc"):
-        (dev / node).touch()
-    if driver:
-        (ascend / "driver/version.info").write_text(f"Version={driver}\nascendhal_version=7.35.19\n")
-    if cann:
-        (ascend / "ascend-toolkit/latest/x86_64-linux/ascend_toolkit_install.info").write_text(
-            f"package_name=Ascend-cann-toolkit\nversion={cann}\narch=x86_64\n")
-    script = bindir / "lspci"
-    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lspci}\nEOF\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return {"target": "npu", "devices": "0,1,2,3,4,5,6,7", "min_free_disk_gb": 0,
-            "dev_root": str(dev), "ascend_root": str(ascend), "lspci": str(script)}
+def fake_host(tmp_path, cards=8, driver="24.1.0", cann="8.0.0", pci="d802"):
+    fake = build(tmp_path / "fake-host", cards=cards, driver=driver, cann=cann, pci=pci)
+    return {"target": "npu", "devices": "0,1,2,3,4,5,6,7", "min_free_disk_gb": 0, "host_root": str(fake.root),
+            "dev_root": "/dev", "ascend_root": "/usr/local/Ascend", "lspci": str(fake.bin / "lspci"),
+            "pairing": PAIRING, "shm_size": "128g", "sft_dtype": "bfloat16",
+            "model_name_or_path": BASE_MODEL}  # built by init_model: no hub needed here
 
 
 @pytest.fixture
@@ -53,22 +40,25 @@ def test_reads_cards_driver_and_cann_fake_devices_no_ascend_hardware(tmp_path, n
 
 
 def test_everything_missing_is_listed_at_once_fake_devices_no_ascend_hardware(tmp_path, no_engine):
-    params = fake_host(tmp_path, cards=range(6), driver=None, cann=None, lspci="00:1f.0 ISA bridge: Intel")
-    os.remove(os.path.join(params["dev_root"], "devmm_svm"))
+    params = fake_host(tmp_path, cards=6, driver=None, pci="")
+    os.remove(os.path.join(params["host_root"], "dev", "devmm_svm"))
     with pytest.raises(PipelineError) as err:
         preflight.run(params, str(tmp_path / "out.json"))
     message = str(err.value)
+    # the host needs no CANN toolkit: the stages use the image's (rule preflight_image checks it)
     for expected in ["no Ascend 910 card on the PCI bus", "cards [6, 7] requested", "devmm_svm missing",
-                     "no driver version", "no CANN toolkit", "container engine not reachable"]:
+                     "no driver version", "cards [6, 7] asked for (devices) are not listed by npu-smi",
+                     "container engine not reachable"]:
         assert expected in message, expected
 
 
 def test_versions_are_read_fake_devices_no_ascend_hardware(tmp_path):
     params = fake_host(tmp_path, driver="23.0.3", cann="8.0.RC1")
-    assert preflight.driver_version(params["ascend_root"]) == "23.0.3"
-    assert preflight.cann_version(params["ascend_root"]) == "8.0.RC1"
+    ascend, dev = params["host_root"] + params["ascend_root"], params["host_root"] + params["dev_root"]
+    assert preflight.driver_version(ascend) == "23.0.3"
+    assert preflight.cann_version(ascend) == "8.0.RC1"
     assert preflight.count_pci_npus(params["lspci"]) == 8
-    assert preflight.davinci_cards(params["dev_root"]) == list(range(8))
+    assert preflight.davinci_cards(dev) == list(range(8))
     assert preflight.count_pci_npus(str(tmp_path / "no-lspci")) is None
 
 

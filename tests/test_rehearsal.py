@@ -22,7 +22,15 @@ import pytest
 from conftest import copy_project, snakemake
 from llamapipe import rehearsal
 from llamapipe.errors import PipelineError
-from npu_commands import UPSTREAM_SCRIPTS, flags, parse, shell_commands
+from npu_commands import (
+    COLLECTIVE_CHECK,
+    SMOKE_SCRIPT,
+    UPSTREAM_SCRIPTS,
+    collective_check,
+    flags,
+    parse,
+    shell_commands,
+)
 
 P = "{project}"
 
@@ -65,10 +73,13 @@ def explain(loc: tuple, runtime: str = "local") -> str | None:
         return "npu.cpu_shims"
     if where == "launch":
         return "npu.device" if name in ("--devices", "--nproc_per_node") else None
+    if where == "collective_check":
+        return "npu.smoke_devices" if name == "--cards" else None
     if where == "plan":
         return PLAN.get(name)
-    if where in ("preflight", "init-model", "merge", "plots"):  # --params keys and plain flags
+    if where in ("preflight", "preflight-image", "init-model", "merge", "plots"):  # --params keys and plain flags
         return {"device": "npu.device", "devices": "devices", "runtime": "runtime",
+                "sft_dtype": "npu.sft", "ascend_env": "npu.ascend_env", "inference_model": "npu.inference_model",
                 "paddlenlp_checkout": "npu.paddlenlp_dir" if runtime == "local" else "npu.paddlenlp_mount",
                 "model_name_or_path": "npu.model_name_or_path",
                 "dtype": "npu.export", "--benchmarks": "npu.image.build"}.get(name) or (
@@ -100,7 +111,10 @@ def locations(rule: str, command: str) -> dict:
         out.update({(rule, "env", k): v for k, v in spec.pop("env").items()})
         out.update({(rule, "spec", k): json.dumps(v, sort_keys=True) for k, v in spec.items()})
     for step in cmd.steps or [cmd.argv]:
-        script = next((s for s in UPSTREAM_SCRIPTS if s in step), None)
+        if step[:3] == COLLECTIVE_CHECK:  # the smoke test's supervisor, then its launcher step
+            check, step = collective_check(step)
+            out.update({(rule, "collective_check", k): v for k, v in check.items()})
+        script = next((s for s in (*UPSTREAM_SCRIPTS, SMOKE_SCRIPT) if s in step), None)
         if script:
             head = step[:step.index(script)]
             if "paddle.distributed.launch" in head:
@@ -278,8 +292,10 @@ def _check_run(project: Path, lora: bool) -> None:
     assert [e["step"] for e in log] == list(range(1, 301))  # one loss per step from the worker log
     assert log[-1]["loss"] < log[0]["loss"] - 1.0
     kept = sorted(int(p.name.split("-")[1]) for p in (results / "checkpoints/sft").glob("checkpoint-*"))
-    assert kept == [200, 300]  # save_total_limit: 2 (upstream's own rotation, under the launcher)
+    assert kept == [200, 300]  # save_total_limit: 2 (one process: upstream keeps all, collect-sft prunes)
     assert (results / "wheels").is_dir() and list((results / "wheels").glob("paddlenlp_ops-*.whl"))
+    smoke = json.loads((results / "smoke_collective.json").read_text())  # before sft, two gloo ranks
+    assert smoke["ok"] and [r["all_reduce"]["got"] for r in smoke["ranks"]] == [3.0, 3.0]
     launch_log = (results / "logs/sft.log").read_text()
     assert "run_finetune.py" in launch_log and ("'--lora', 'true'" in launch_log) == lora
     prov = json.loads((results / "provenance.json").read_text())
@@ -391,6 +407,11 @@ def test_rehearsal_commands_exactly(tmp_path):
     assert all(c.spec is None for c in cmds.values())  # runtime local: no container
     assert f"cd {checkout}/llm".split() in cmds["sft"].steps
     assert head == ["python", "-u", "-m", "paddle.distributed.launch"]
+    check, smoke = collective_check(cmds["smoke_collective"].steps[-1])
+    logs = f"{project}/results/logs/smoke_collective_launch"
+    assert check["--cards"] == "0,1"  # npu.smoke_devices: two processes, sft runs one
+    assert launcher(smoke, SMOKE_SCRIPT) == (head, {"--nproc_per_node": "2", "--log_dir": logs})
+    assert cmds["smoke_collective"].steps[:-1] == cmds["sft"].steps[:cmds["sft"].steps.index(sft)]
 
 
 def test_preflight_refuses_a_checkout_at_another_commit(tmp_path):

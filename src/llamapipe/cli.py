@@ -35,6 +35,12 @@ def _stage_preflight(a: argparse.Namespace) -> Any:
     return preflight.run(a.params, a.out)
 
 
+def _stage_preflight_image(a: argparse.Namespace) -> Any:
+    from llamapipe.ascend_checks import run_image
+
+    return run_image(a.params, a.out)
+
+
 def _pull_image(a: argparse.Namespace) -> Any:
     from llamapipe.stages import image
 
@@ -127,6 +133,8 @@ def _stage_evaluate(a: argparse.Namespace) -> Any:
 # name -> (handler, help, [(flag, help)]) ; every stage also takes --params/--threads/--seed.
 STAGES: dict[str, Any] = {
     "preflight": (_stage_preflight, "check the host and the Python stack", [("--out", "preflight.json")]),
+    "preflight-image": (_stage_preflight_image, "check the stage image: CANN, kernels, ATB, plugin, Python stack",
+                        [("--out", "image/preflight.json")]),
     "download-data": (_stage_download_data, "fetch, verify and safely extract the data archive",
                  [("--out", "extraction dir"), ("--cache-dir", "where the archive is kept")]),
     "prepare-data": (_stage_prepare_data, "validate src/tgt json lines and write the splits",

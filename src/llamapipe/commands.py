@@ -16,11 +16,13 @@ import shlex
 from typing import Any
 
 from llamapipe import checkpoint_io, upstream_npu
+from llamapipe.ascend_checks import NPU_SMI_GUIDE_PATH, Host, find_npu_smi
 from llamapipe.config import visible_cards
 from llamapipe.runners.container import NPU_CONTROL_DEVICES, NPU_DRIVER_PATHS, project_id
 
 # Stages whose upstream NPU entry point needs accelerator cards, and how many of the visible ones.
-NPU_CARDS = {"sft": "all", "merge": 1, "export": 1, "predict": 1, "init_model": 0}
+NPU_CARDS = {"sft": "all", "smoke_collective": "all", "merge": 1, "export": 1, "predict": 1, "init_model": 0,
+             "preflight_image": 1}  # the image checks: one card and the driver mounts, as export/predict
 CACHE_DIR = ".cache"  # project-relative: downloads that outlive one container
 
 
@@ -58,7 +60,10 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) ->
         if cards and npu["device"] == "npu":
             devices = [f"{npu['dev_root']}/davinci{c}" for c in cards]
             devices += [f"{npu['dev_root']}/{name}" for name in NPU_CONTROL_DEVICES]
-            mounts += [{"source": m, "target": m, "read_only": True} for m in NPU_DRIVER_PATHS]
+            # npu-smi from where this host has it (driver installs: /usr/local/sbin), at the guide's path
+            smi = find_npu_smi(Host()) or NPU_SMI_GUIDE_PATH
+            mounts += [{"source": smi if m == NPU_SMI_GUIDE_PATH else m, "target": m, "read_only": True}
+                       for m in NPU_DRIVER_PATHS]
         if npu.get("paddlenlp_mount"):
             mounts.append({"source": npu["paddlenlp_mount"], "target": npu["paddlenlp_dir"], "read_only": True})
     else:
@@ -161,15 +166,48 @@ def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]
         script, args = "run_finetune.py", upstream_npu.finetune_args(cfg, model, _abs(project, paths["data"]), out)
     launch_logs = _abs(project, paths["sft_launch_logs"])
     launch = upstream_npu.launch_argv(cfg, script, launch_logs)
-    # upstream's checkpoint integrity: `.checkpoint_done` last in each checkpoint, and a rerun
-    # resumes from the newest complete one (a kill during a save must not poison the resume)
-    resume = [f"export {k}={v}" for k, v in checkpoint_io.COMPLETE_CHECKPOINTS_ENV.items()]
+    collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--launch-logs", launch_logs,
+               "--out", _abs(project, paths["sft"]), "--save-total-limit", str(cfg["sft"]["save_total_limit"])]
+    return _npu_script(cfg, [*_training_env(cfg), shlex.join(launch + args), shlex.join(collect)])
+
+
+def _training_env(cfg: dict) -> list[str]:
+    """The exports of sft's script (smoke_collective's too: the same environment)."""
     # npu.env in the script, as upstream's training scripts export it (its export/predict scripts
     # set none of it), so the rehearsal's local runtime runs with it too
     training_env = [f"export {k}={shlex.quote(str(v))}" for k, v in sorted(cfg["npu"]["env"].items())]
-    collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--launch-logs", launch_logs,
-               "--out", _abs(project, paths["sft"])]
-    return _npu_script(cfg, [*training_env, *resume, shlex.join(launch + args), shlex.join(collect)])
+    # upstream's checkpoint integrity: `.checkpoint_done` last in each checkpoint, and a rerun
+    # resumes from the newest complete one (a kill during a save must not poison the resume)
+    resume = [f"export {k}={v}" for k, v in checkpoint_io.COMPLETE_CHECKPOINTS_ENV.items()]
+    return training_env + resume
+
+
+SMOKE_SCRIPT = os.path.join("llamapipe", "stages", "smoke_collective.py")  # under package_src_dir()
+
+
+def _npu_smoke_collective(cfg: dict, paths: dict, project: str) -> list[str]:
+    """An all-reduce and a matmul on every card sft uses, before sft: sft's script prelude and
+    exports, its launcher (``launch_argv``, the same flags but --log_dir), under
+    ``npu.smoke_timeout_s`` (``llamapipe.collective_check`` names the ranks that did not report)."""
+    npu = cfg["npu"]
+    cards = npu.get("smoke_devices") or cfg["devices"]  # smoke_devices: the rehearsal's two processes
+    logs = _abs(project, paths["smoke_launch_logs"])
+    reports = os.path.join(logs, "ranks")
+    script = os.path.join(package_src_dir(), SMOKE_SCRIPT)
+    launch = upstream_npu.launch_argv({**cfg, "devices": cards}, script, logs)
+    check = ["python", "-m", "llamapipe.collective_check", "--timeout", str(npu["smoke_timeout_s"]),
+             "--cards", cards, "--reports", reports, "--launch-logs", logs,
+             "--out", _abs(project, paths["smoke_collective"]), "--"]
+    return _npu_script(cfg, [*_training_env(cfg), shlex.join([*check, *launch, "--reports", reports])])
+
+
+def smoke_collective_command(cfg: dict, paths: dict, project_dir: str, threads: int = 1) -> str:
+    """Rule smoke_collective (npu target): in the stage image, as sft runs (threads: sft's)."""
+    project = os.path.abspath(project_dir)
+    script = _npu_smoke_collective(cfg, paths, project)
+    if cfg["runtime"] == "local":
+        return shlex.join(script)
+    return _containerized("smoke_collective", cfg, project, script, threads)
 
 
 def _npu_merge(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
@@ -221,6 +259,24 @@ NPU_UPSTREAM: dict[str, Any] = {
     "prepare_data": _npu_own_stage,
     "evaluate": _npu_own_stage,
 }
+
+
+def preflight_image_command(cfg: dict, paths: dict, project_dir: str) -> str:
+    """Rule preflight_image (npu): ``llamapipe.ascend_checks``' image checks, in the stage image
+    through the stages' own wrapper and CANN prelude; ATB's set_env.sh is sourced by the checks
+    themselves (as export/predict source it), so its absence is reported with everything else."""
+    project = os.path.abspath(project_dir)
+    npu = cfg["npu"]
+    params = {"ascend_root": npu["ascend_root"], "env_scripts": list(upstream_npu.ASCEND_ENV_SCRIPTS),
+              "atb_scripts": list(upstream_npu.ATB_ENV_SCRIPTS), "ascend_env": npu["ascend_env"],
+              "device": npu["device"], "pairing": npu["pairing"], "shm_size": npu["shm_size"],
+              "inference_model": npu["inference_model"], "wheels": _abs(project, paths["wheels"])}
+    check = ["python", "-m", "llamapipe", "preflight-image", "--params", json.dumps(params, sort_keys=True),
+             "--out", _abs(project, paths["image_preflight"])]
+    script = _npu_script(cfg, [f"cd {shlex.quote(project)}", shlex.join(check)])
+    if cfg["runtime"] == "local":
+        return shlex.join(script)
+    return _containerized("preflight_image", cfg, project, script, threads=1)
 
 
 def build_ops_command(cfg: dict, paths: dict, project_dir: str) -> str:

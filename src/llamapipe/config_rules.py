@@ -347,6 +347,31 @@ def cards_are_on_one_node(cfg: dict) -> list[str]:
     return []
 
 
+def smoke_test_covers_the_cards(cfg: dict) -> list[str]:
+    """smoke_collective exists to run on every card sft uses: on real cards other ones would let
+    a hanging card through to sft. npu.smoke_devices is the CPU rehearsal's process count."""
+    npu = _npu(cfg)
+    if _on_npu(cfg) and npu.get("smoke_devices") and npu.get("device") != "cpu":
+        return [f"npu.smoke_devices ({npu['smoke_devices']}) is for npu.device cpu (the rehearsal): on the cards "
+                f"the smoke test runs on every card sft uses ({_devices_key(cfg)}: {cfg['devices']})"]
+    return []
+
+
+def pairing_is_the_pinned_set(cfg: dict) -> list[str]:
+    """npu.pairing is what preflight checks the host's driver and the image's CANN against: left
+    behind when npu.image changes, it would pass a driver or image of another set (or fail a
+    right one)."""
+    npu = _npu(cfg)
+    pairing, image = npu.get("pairing") or {}, npu.get("image") or {}
+    if not _on_npu(cfg) or not pairing:
+        return []
+    return [f"npu.pairing.{key} ({pairing[key]}) is not npu.image.{key} ({image.get(key)}): the pairing table "
+            "describes the pinned set; change both together, with the new set's driver and CANN "
+            "(docs/npu-pins.md)"
+            for key in ("base", "paddle_version", "paddle_custom_npu_version")
+            if pairing.get(key) is not None and pairing[key] != image.get(key)]
+
+
 def _degrees(cfg: dict) -> dict | None:
     """The pinned degrees (None for ``parallel: auto``, where the planner picks a layout that fits)."""
     par = _npu(cfg).get("parallel")
@@ -535,6 +560,8 @@ RULES: tuple[Rule, ...] = (
     cards_are_listed_once,
     cards_are_ascending,
     cards_are_on_one_node,
+    smoke_test_covers_the_cards,
+    pairing_is_the_pinned_set,
     layout_divides_cards,
     tensor_parallel_splits_heads,
     nodes_have_a_master,

@@ -46,6 +46,9 @@ def plan_argv(cfg: dict, pin: bool = True) -> list[str]:
     if pin and isinstance(npu["parallel"], dict):
         argv += ["--tp", str(par["tensor_parallel_degree"]), "--pp", str(par["pipeline_parallel_degree"]),
                  "--sharding", str(par["sharding_parallel_degree"])]
+    elif isinstance(npu["parallel"], dict):  # `auto`, already chosen: the plan rule checks it still fits
+        argv += ["--expect-layout", ",".join(str(par[k]) for k in (
+            "tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree"))]
     return argv
 
 

@@ -69,6 +69,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of sharding/data-parallel communication hidden (default %(default)s)")
     for degree in ("tp", "pp", "sharding", "dp"):
         p.add_argument(f"--{degree}", type=int, default=None, help=f"pin the {degree} degree")
+    p.add_argument("--measured-memory", metavar="PREFLIGHT_JSON", default=None,
+                   help="a preflight.json: the HBM per card npu-smi reported there (hbm_gib_per_card, GiB "
+                        "counted as GB like the 910B's nominal 64) caps --memory-gb; absent: --memory-gb")
+    p.add_argument("--expect-layout", metavar="TP,PP,SHARDING", default=None,
+                   help="the layout the run was given (parallel: auto, chosen when the workflow was parsed): "
+                        "fail unless it fits")
     p.add_argument("--top", type=int, default=5, help="rows in the table (default %(default)s)")
     p.add_argument("--out", metavar="PLAN_JSON", default=None, help="write the whole plan as JSON here")
 
@@ -103,6 +109,26 @@ def _load_shape(args: argparse.Namespace) -> tuple[str, ModelShape]:
     return name, ModelShape.from_dict(KNOWN_MODELS[name])
 
 
+def measured_memory_gb(path: str | None) -> float | None:
+    """``hbm_gib_per_card`` of a preflight.json (None: not measured there, e.g. the rehearsal)."""
+    if not path:
+        return None
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8")).get("hbm_gib_per_card")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PipelineError(f"--measured-memory {path}: cannot read it: {exc}") from exc
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise PipelineError(f"--measured-memory {path}: hbm_gib_per_card {value!r} is not a positive number")
+    return float(value)
+
+
+def _memory_gb(args: argparse.Namespace) -> float:
+    measured = measured_memory_gb(getattr(args, "measured_memory", None))
+    return args.memory_gb if measured is None else min(args.memory_gb, measured)
+
+
 def plan_from_args(args: argparse.Namespace) -> PlanResult:
     """The plan the arguments describe (no printing): shared by the CLI and config validation."""
     name, shape = _load_shape(args)
@@ -111,7 +137,7 @@ def plan_from_args(args: argparse.Namespace) -> PlanResult:
         gradient_accumulation_steps=args.grad_acc, dtype=args.dtype, master_grad=args.master_grad,
         recompute=args.recompute, sharding_stage=args.sharding_stage,
         sequence_parallel=args.sequence_parallel, flash_attention=args.flash_attention,
-        cards_per_node=args.cards, nodes=args.nodes, memory_per_card_gb=args.memory_gb,
+        cards_per_node=args.cards, nodes=args.nodes, memory_per_card_gb=_memory_gb(args),
         tp_overlap=args.tp_overlap, dp_overlap=args.dp_overlap)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "sharding", "dp") if getattr(args, k) is not None}
     return plan(shape, setup, fixed, name=name)
@@ -130,6 +156,11 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     printing the table and writing ``--out``) when no layout fits."""
     if args.top < 0:
         raise PipelineError(f"--top must be >= 0, got {args.top}")
+    measured = measured_memory_gb(args.measured_memory)
+    if args.measured_memory:
+        found = f"{measured:g} GiB" if measured is not None else "nothing"
+        print(f"memory per card: {_memory_gb(args):g} GB (configured {args.memory_gb:g}, measured by preflight: "
+              f"{found} in {args.measured_memory})")
     result = plan_from_args(args)
     print(format_table(result, top=args.top))
     if args.out:
@@ -139,9 +170,27 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
             tmp.write_text(to_json(result), encoding="utf-8")
     if result.chosen is None:
         raise PipelineError(f"{result.why}; try --recompute, a higher --sharding-stage, or more cards")
+    if args.expect_layout:
+        _check_expected(args, result, measured)
     mem = result.chosen.memory
     return {**result.chosen.layout.to_dict(), "total_gb": round(mem.total_gb, 1) if mem else None,
             "out": args.out}
+
+
+def _check_expected(args: argparse.Namespace, result: PlanResult, measured: float | None) -> None:
+    """``parallel: auto`` picks its layout when the workflow is parsed, before preflight measures
+    the cards: the run's layout must still fit what was measured."""
+    try:
+        tp, pp, sharding = (int(x) for x in args.expect_layout.split(","))
+    except ValueError:
+        raise PipelineError(f"--expect-layout {args.expect_layout!r}: expected TP,PP,SHARDING") from None
+    if any((c.layout.tp, c.layout.pp, c.layout.sharding) == (tp, pp, sharding) for c in result.fitting):
+        return
+    chosen = result.chosen.layout.label() if result.chosen else "none"
+    raise PipelineError(f"npu.parallel: auto chose tp {tp}, pp {pp}, sharding {sharding} when the workflow was "
+                        f"parsed (npu.memory_per_card_gb {args.memory_gb:g}); it does not fit the "
+                        f"{measured:g} GiB per card preflight measured: set npu.memory_per_card_gb: {measured:g} "
+                        f"and rerun (the planner then picks {chosen})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The NPU target rehearsed on CPU: the one list of what differs from a real NPU run.
 
 ``--config target=npu rehearsal=cpu`` runs the NPU DAG (preflight, plan, build_ops, init_model,
-sft, merge, export, predict, evaluate, report) through the same command builders
+smoke_collective, sft, merge, export, predict, evaluate, report) through the same command builders
 (``llamapipe.commands``, ``llamapipe.upstream_npu``) and upstream's own ``llm/`` entry points
 from a PaddleNLP checkout, on this machine's CPU, with the cpu target's tiny LLaMA standing in
 for llama2-13b. Every difference from the NPU run is a config value set here, with its reason;
@@ -53,8 +53,11 @@ def _differences(cfg: dict) -> list[Difference]:
     return [
         Difference("npu.device", "cpu", "no Ascend cards: upstream scripts get --device cpu; the launcher "
                    "starts --nproc_per_node processes (a CPU build has no device labels for --devices), and "
-                   "containers get no /dev/davinci* nodes or driver mounts"),
+                   "containers get no /dev/davinci* nodes or driver mounts; preflight's host checks (chip, "
+                   "driver, npu-smi ...) and preflight_image's /dev/shm check do not run"),
         Difference("devices", "0", "one process stands in for the cards"),
+        Difference("npu.smoke_devices", "0,1", "smoke_collective starts two processes (gloo, about 10 s), "
+                   "not sft's one: with one process its all-reduce sums nothing across ranks"),
         Difference("npu.parallel", PARALLEL_ONE_PROCESS, "one process: no tensor/pipeline/sharding groups, "
                    "so no sequence parallel and no sharding stage"),
         Difference("npu.model_name_or_path", BASE_MODEL, "the cpu target's tiny LLaMA (built by init_model) "
@@ -74,7 +77,10 @@ def _differences(cfg: dict) -> list[Difference]:
         Difference("npu.inference_model", False, "--inference_model --block_attn need paddlenlp_ops' NPU "
                    "kernels (paddle_custom_device.npu.ops): export/predict run upstream's plain static "
                    "model; the ops wheel is built and installed but not imported"),
-        Difference("npu.ascend_env", False, "no CANN/ATB on CPU: set_env.sh scripts are not sourced"),
+        Difference("npu.ascend_env", False, "no CANN/ATB on CPU: set_env.sh scripts are not sourced, and "
+                   "preflight_image records its toolkit, kernels, atb_env and plugin_ldd checks (and the "
+                   "paddle-custom-npu version) as 'skipped: rehearsal'; its import gate, numpy and paddlepaddle "
+                   "version checks run"),
         Difference("npu.cpu_shims", True, "upstream scripts run through llamapipe.cpu_shims: export with "
                    "use_top_p=False (top_p_sampling has no float32 CPU kernel) and the predictor without "
                    "Paddle Inference's inplace_pass (with oneDNN it corrupts the decode loop on CPU)"),

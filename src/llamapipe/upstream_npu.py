@@ -32,10 +32,15 @@ def launch_argv(cfg: dict, script: str, log_dir: str) -> list[str]:
     """``python -u -m paddle.distributed.launch`` over the visible cards (and nodes)."""
     npu = cfg["npu"]
     argv = ["python", "-u", "-m", "paddle.distributed.launch"]
+    cards = cfg["devices"].split(",")
     if npu["device"] == "cpu":  # a CPU build has no device labels: --devices raises ValueError
-        argv += ["--nproc_per_node", str(len(cfg["devices"].split(",")))]
+        argv += ["--nproc_per_node", str(len(cards))]
     else:
-        argv += ["--devices", cfg["devices"]]
+        # The ids as the runtime numbers the cards, not the host's: ASCEND_RT_VISIBLE_DEVICES (the
+        # cards) leaves the runtime n cards, 0..n-1, and the launcher looks each --devices id up
+        # in that list (launch/context/device.py, get_selected_devices: labels.index): host ids
+        # 4,5,6,7 raise ValueError there ('4' is not in list ['0', '1', '2', '3']).
+        argv += ["--devices", ",".join(str(i) for i in range(len(cards)))]
     argv += ["--log_dir", log_dir]
     if npu["nodes"] > 1:
         argv += ["--nnodes", str(npu["nodes"])]

@@ -7,7 +7,13 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from llamapipe.commands import build_ops_command, cards_for, stage_command
+from llamapipe.commands import (
+    build_ops_command,
+    cards_for,
+    preflight_image_command,
+    smoke_collective_command,
+    stage_command,
+)
 from llamapipe.config import resolve as resolve_config
 from llamapipe.errors import PipelineError
 from llamapipe.parallel_config import plan_argv
@@ -53,6 +59,7 @@ RESULTS = "results"
 PATHS = {
     "preflight": f"{RESULTS}/preflight.json",
     "base_image": f"{RESULTS}/image/base.json",
+    "image_preflight": f"{RESULTS}/image/preflight.json",
     "plan": f"{RESULTS}/plan.json",
     "image": f"{RESULTS}/image/npu.json",
     "wheels": f"{RESULTS}/wheels",
@@ -67,6 +74,9 @@ PATHS = {
     # job, and these are what a rerun resumes from.
     "sft_checkpoints": f"{RESULTS}/checkpoints/sft",
     "sft_launch_logs": f"{RESULTS}/logs/sft_launch",
+    # npu: all-reduce + matmul on sft's cards, launched as sft is, before sft
+    "smoke_collective": f"{RESULTS}/smoke_collective.json",
+    "smoke_launch_logs": f"{RESULTS}/logs/smoke_collective_launch",
     "pretrain_data_cache": f"{RESULTS}/cache/pretrain_data",
     "merged": f"{RESULTS}/merged",
     "inference": f"{RESULTS}/inference",
@@ -102,7 +112,21 @@ def stage_params(stage):
             "target": TARGET,
             "devices": CFG["devices"],
             **(
-                {k: CFG["npu"][k] for k in ("ascend_root", "dev_root", "device")}
+                {
+                    **{
+                        k: CFG["npu"][k]
+                        for k in (
+                            "ascend_root",
+                            "dev_root",
+                            "device",
+                            "pairing",
+                            "shm_size",
+                            "model_name_or_path",
+                        )
+                    },
+                    "sft_dtype": CFG["sft"]["dtype"],
+                    "model_cache": ".cache/paddlenlp/models",  # the containers' PPNLP_HOME
+                }
                 if TARGET == "npu"
                 else {}
             ),
@@ -168,9 +192,30 @@ def npu_build_args():
     }
 
 
+def preflight_image_cmd():
+    """The image checks, in the stage image as the stages run (npu target only)."""
+    if TARGET != "npu":
+        return "echo 'preflight_image: target npu only' && false"
+    return preflight_image_command(CFG, PATHS, PROJECT_DIR)
+
+
 def build_ops_cmd():
     """paddlenlp_ops from the checkout's csrc/npu, built inside the image (the guide's step 6)."""
     return build_ops_command(CFG, PATHS, PROJECT_DIR)
+
+
+def smoke_collective_cmd():
+    """The collective smoke test: sft's cards, environment and launcher (npu target only)."""
+    if TARGET != "npu":
+        # npu-only: sft asks for it there alone
+        return "echo 'smoke_collective: target npu only' && false"
+    return smoke_collective_command(CFG, PATHS, PROJECT_DIR, threads=CFG["threads"])
+
+
+def smoke_inputs():
+    """sft waits for the collective smoke test on npu (a hang costs minutes, not hours).
+    ancient: a gate, not data; rerunning the test (new timeout) does not rerun sft."""
+    return [ancient(PATHS["smoke_collective"])] if TARGET == "npu" else []
 
 
 def plan_args():
@@ -196,7 +241,9 @@ def stage_benchmarks():
     stages += ["export", "predict", "evaluate"]
     if TARGET == "npu":
         stages += (["pull_image", "build_image"] if image_records() else []) + [
-            "build_ops"
+            "preflight_image",
+            "build_ops",
+            "smoke_collective",
         ]
     return [bench_of(s) for s in stages]
 
@@ -229,10 +276,15 @@ def plan_inputs():
 
 
 def image_inputs(wheels=False):
-    """On npu every stage runs in the built image (and export/predict need the ops wheel)."""
+    """On npu every stage runs in the built image, once its checks passed (and export/predict
+    need the ops wheel)."""
     if TARGET != "npu":
         return []
-    return image_records()[1:] + ([PATHS["wheels"]] if wheels else [])
+    return (
+        image_records()[1:]
+        + [PATHS["image_preflight"]]
+        + ([PATHS["wheels"]] if wheels else [])
+    )
 
 
 def default_targets():

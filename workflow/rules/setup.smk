@@ -74,9 +74,31 @@ rule build_image:
         "{params.cmd} > {log} 2>&1"
 
 
-rule build_ops:
+# npu only: CANN, kernels, ATB, the plugin's libraries, the Python stack and /dev/shm, checked
+# inside the stage image as the stages run (llamapipe.ascend_checks); every stage waits for it.
+rule preflight_image:
     input:
         image_records()[1:] or PATHS["preflight"],
+        upstream_inputs(),
+    output:
+        PATHS["image_preflight"],
+    log:
+        log_of("preflight_image"),
+    benchmark:
+        bench_of("preflight_image")
+    conda:
+        CONDA_ENV
+    resources:
+        npu=npu_cards("preflight_image"),
+    params:
+        cmd=preflight_image_cmd(),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule build_ops:
+    input:
+        image_inputs(),
         upstream_inputs(),
     output:
         directory(PATHS["wheels"]),
@@ -92,8 +114,11 @@ rule build_ops:
         "{params.cmd} > {log} 2>&1"
 
 
-# Pure computation (no hardware): `snakemake results/plan.json --config target=npu` works anywhere.
+# After preflight: the HBM it measured (hbm_gib_per_card) caps npu.memory_per_card_gb. Without
+# hardware, `llamapipe plan ...` (the same arguments) plans anywhere.
 rule plan:
+    input:
+        PATHS["preflight"],
     output:
         PATHS["plan"],
     log:
@@ -103,7 +128,15 @@ rule plan:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join("llamapipe", "plan", *plan_args(), "--out", PATHS["plan"]),
+        cmd=shell_join(
+            "llamapipe",
+            "plan",
+            *plan_args(),
+            "--measured-memory",
+            PATHS["preflight"],
+            "--out",
+            PATHS["plan"],
+        ),
     shell:
         "{params.cmd} > {log} 2>&1"
 

@@ -26,6 +26,29 @@ rule init_model:
         "{params.cmd} > {log} 2>&1"
 
 
+# npu only: an all-reduce and a matmul on every card sft uses, in sft's environment, through
+# sft's launcher, under npu.smoke_timeout_s (an HCCL hang fails here, not hours into sft).
+rule smoke_collective:
+    input:
+        image_inputs(),
+        upstream_inputs(),
+    output:
+        PATHS["smoke_collective"],
+    log:
+        log_of("smoke_collective"),
+    benchmark:
+        bench_of("smoke_collective")
+    conda:
+        CONDA_ENV
+    threads: CFG["threads"]
+    resources:
+        npu=npu_cards("smoke_collective"),
+    params:
+        cmd=smoke_collective_cmd(),
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
 rule sft:
     input:
         PATHS["train"],
@@ -33,6 +56,7 @@ rule sft:
         image_inputs(),
         plan_inputs(),
         upstream_inputs(),
+        smoke_inputs(),
     output:
         directory(PATHS["sft"]),
     log:

@@ -218,12 +218,16 @@ def npu_devices(visible: list[int], dev_root: str = "/dev") -> list[str]:
 
 
 def npu_driver_mounts(root: str = "/") -> list[dict[str, Any]]:
-    """The guide's ``-v`` mounts of the host's Ascend driver, read-only, at their usual paths.
-    ``root`` is where the host's file system starts (tests use a fake tree)."""
+    """The guide's ``-v`` mounts of the host's Ascend driver, read-only, at their usual paths;
+    npu-smi from where the host has it (PATH, /usr/local/sbin, /usr/local/bin: driver installs
+    put it in sbin). ``root`` is where the host's file system starts (tests use a fake tree)."""
+    from llamapipe.ascend_checks import NPU_SMI_GUIDE_PATH, Host, find_npu_smi
+
+    smi = find_npu_smi(Host(root=root)) or NPU_SMI_GUIDE_PATH
     mounts = []
     missing = []
     for target in NPU_DRIVER_PATHS:
-        source = os.path.join(root, target.lstrip("/"))
+        source = os.path.join(root, (smi if target == NPU_SMI_GUIDE_PATH else target).lstrip("/"))
         if not os.path.exists(source):
             missing.append(f"no {source}: the Ascend driver (npu-smi, dcmi) is not installed on this host")
         mounts.append({"source": source, "target": target, "read_only": True})

@@ -1,9 +1,11 @@
 """preflight: check the host before any heavy job and record what was found.
 
 cpu: Python and the Paddle stack (versions as imported), cores, memory, free disk.
-npu: Ascend 910 cards (``lspci`` device d802 and ``/dev/davinci*``), the cards asked for,
-driver and CANN versions, the container engine, free disk. Everything missing is listed at
-once, before an image pull or a training job can fail hours in.
+npu: the host checks of ``llamapipe.ascend_checks`` (chip, device nodes, driver against the
+pairing table, npu-smi and idle cards, shared memory, the model's source), the container engine,
+free disk. Everything missing is listed at once, and the log shows one line per check, before an
+image pull or a training job can fail hours in. ``results/preflight.json`` keeps what was found
+(``hbm_gib_per_card`` feeds the plan rule). The image's own checks are rule preflight_image.
 """
 
 from __future__ import annotations
@@ -104,35 +106,38 @@ def engine_version() -> tuple:
         return None, f"container engine not reachable at {where}: {exc}"
 
 
-def npu_checks(params: dict, report: dict, problems: list) -> None:
-    dev_root, ascend_root = params["dev_root"], params["ascend_root"]
-    wanted = [int(c) for c in params["devices"].split(",")]
-    pci = count_pci_npus(params.get("lspci", "lspci"))
-    nodes = davinci_cards(dev_root)
-    report.update({
-        "pci_ascend_910": pci, "davinci_cards": nodes, "cards_requested": wanted,
-        "driver_version": driver_version(ascend_root), "cann_version": cann_version(ascend_root),
-    })
-    if pci is None:
-        problems.append("lspci is not available: cannot count Ascend 910 cards (install pciutils)")
-    elif pci == 0:
-        problems.append(f"no Ascend 910 card on the PCI bus (`lspci | grep {ASCEND_910_PCI_DEVICE}` finds none)")
-    missing = [c for c in wanted if c not in nodes]
-    if missing:
-        problems.append(f"cards {missing} requested (devices) but {dev_root}/davinci{{N}} missing; found {nodes}")
+def npu_checks(params: dict, report: dict, problems: list) -> list:
+    """The host's Ascend checks (``llamapipe.ascend_checks``) and the container engine: the
+    check records, their failures appended to ``problems``, what they read merged into ``report``.
+    ``host_root``, ``lspci``, ``npu_smi`` and ``hub_endpoint`` in ``params`` point the checks at
+    another tree, commands and model host (the tests' fake host)."""
+    from llamapipe import ascend_checks
+    from llamapipe.rehearsal import BASE_MODEL
     from llamapipe.runners.container import NPU_CONTROL_DEVICES
 
-    for node in NPU_CONTROL_DEVICES:
-        if not os.path.exists(os.path.join(dev_root, node)):
-            problems.append(f"{dev_root}/{node} missing: is the Ascend driver installed and loaded?")
-    if report["driver_version"] is None:
-        problems.append(f"no driver version at {ascend_root}/driver/version.info (the guide needs 23.0.3)")
-    if report["cann_version"] is None:
-        problems.append(f"no CANN toolkit under {ascend_root}/ascend-toolkit (the guide needs 8.0.RC1)")
+    host = ascend_checks.Host(root=params.get("host_root") or "/", lspci=params.get("lspci", "lspci"),
+                              npu_smi=params.get("npu_smi"), hub_endpoint=params.get("hub_endpoint"))
+    wanted = [int(c) for c in params["devices"].split(",")]
+    model = params.get("model_name_or_path", BASE_MODEL)
+    records, facts = ascend_checks.host_checks(host, {
+        "cards": wanted, "dev_root": params["dev_root"], "ascend_root": params["ascend_root"],
+        "control_devices": NPU_CONTROL_DEVICES, "pairing": params.get("pairing") or {},
+        "shm_size": params.get("shm_size", "128g"), "sft_dtype": params.get("sft_dtype", ""),
+        "model_name_or_path": model, "model_cache": params.get("model_cache"), "model_built": model == BASE_MODEL})
+    report.update(facts)
+    report.update({
+        "pci_ascend_910": facts.get("pci", {}).get(ascend_checks.CHIP_PCI.get(
+            (params.get("pairing") or {}).get("chip", "ascend910b"), ASCEND_910_PCI_DEVICE), 0),
+        "cards_requested": wanted,
+        # the host's own toolkit, if any: the stages use the image's (rule preflight_image checks it)
+        "cann_version": cann_version(host.path(params["ascend_root"])),
+    })
     version, problem = engine_version()
     report["engine_version"] = version
-    if problem:
-        problems.append(problem)
+    records.append(ascend_checks.record("engine", "host", version or problem, not problem,
+                                        problem or f"Docker engine {version}"))
+    problems += [f"{r['name']}: {r['verdict']}" for r in ascend_checks.failed(records)]
+    return records
 
 
 def checkout_checks(checkout: str, report: dict, problems: list, pinned: str | None = None) -> None:
@@ -172,12 +177,18 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
         "free_disk_gib": round(free_gib, 1),
     }
     problems: list[str] = []
+    checks: list[dict] = []
     if free_gib < params["min_free_disk_gb"]:
         problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
     if params.get("paddlenlp_checkout"):
         checkout_checks(params["paddlenlp_checkout"], report, problems, params.get("paddlenlp_commit"))
     if target == "npu" and params.get("device", "npu") == "npu":
-        npu_checks(params, report, problems)  # the Paddle stack lives in the image, not on the host
+        checks = npu_checks(params, report, problems)  # the Paddle stack lives in the image, not on the host
+        from llamapipe.ascend_checks import record
+
+        checks.append(record("disk", "host", f"{free_gib:.1f} GiB free", free_gib >= params["min_free_disk_gb"],
+                             f"{free_gib:.1f} GiB free in {os.path.abspath(workdir)} (need "
+                             f"{params['min_free_disk_gb']}; preflight.min_free_disk_gb)"))
     elif params.get("runtime") == "container":  # the rehearsal in the CPU stage image
         report["engine_version"], problem = engine_version()
         problems += [problem] if problem else []
@@ -185,7 +196,13 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
         report["versions"] = package_versions()
         problems += [f"Python package {k} does not import" for k, v in report["versions"].items() if v is None]
     for key, value in report.items():
-        log.info("%s: %s", key, value)
+        if key != "npu_smi":  # its parsed table: in preflight.json
+            log.info("%s: %s", key, value)
+    if checks:
+        from llamapipe.ascend_checks import format_table
+
+        log.info("host checks:\n%s", format_table(checks))
+        report["checks"] = checks
     report["problems"] = problems
     if problems:
         raise PipelineError("preflight failed:\n  - " + "\n  - ".join(problems))
