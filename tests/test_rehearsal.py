@@ -68,6 +68,8 @@ def explain(loc: tuple, runtime: str = "local") -> str | None:
     if where == "step":
         if name.startswith(("source ", "atb=", "[ -n $atb ]")):
             return "npu.ascend_env"
+        if name.startswith("export GLOO_SOCKET_IFNAME="):
+            return "npu.env.GLOO_SOCKET_IFNAME"
         return "npu.inference_model" if name == "python -c import paddlenlp_ops" else None
     if where == "runner":
         return "npu.cpu_shims"
