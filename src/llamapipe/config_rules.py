@@ -146,22 +146,24 @@ def pretrain_needs_npu_target(cfg: dict) -> list[str]:
 # forward pass (sft) fails with a bare Paddle shape error. Tried with paddlenlp 3.0.0b4.
 
 
-def hidden_size_splits_into_heads(cfg: dict) -> list[str]:
-    """hidden_size 130 over 4 heads: the q/k/v reshape fails ("capacity 2560 != in_size 2600")."""
+def tiny_model_shape(cfg: dict) -> list[str]:
+    """The shape rules below, for the model init_model builds (a hub model brings its own)."""
     if not builds_tiny_model(cfg):
         return []
     m = cfg["model"]
+    return [*_hidden_size_splits_into_heads(m), *_heads_split_into_kv_groups(m), *_head_dim_is_even(m)]
+
+
+def _hidden_size_splits_into_heads(m: dict) -> list[str]:
+    """hidden_size 130 over 4 heads: the q/k/v reshape fails ("capacity 2560 != in_size 2600")."""
     if m["hidden_size"] % m["num_attention_heads"]:
         return [f"model.hidden_size ({m['hidden_size']}) is not a multiple of model.num_attention_heads "
                 f"({m['num_attention_heads']}): head_dim must be whole"]
     return []
 
 
-def heads_split_into_kv_groups(cfg: dict) -> list[str]:
+def _heads_split_into_kv_groups(m: dict) -> list[str]:
     """4 heads over 3 (or 8) key/value heads: the attention matmul fails on the head axis."""
-    if not builds_tiny_model(cfg):
-        return []
-    m = cfg["model"]
     heads, kv = m["num_attention_heads"], m.get("num_key_value_heads")
     if kv and heads % kv:
         return [f"model.num_attention_heads ({heads}) is not a multiple of model.num_key_value_heads ({kv}): "
@@ -169,13 +171,10 @@ def heads_split_into_kv_groups(cfg: dict) -> list[str]:
     return []
 
 
-def head_dim_is_even(cfg: dict) -> list[str]:
+def _head_dim_is_even(m: dict) -> list[str]:
     """hidden 12 over 4 heads (head_dim 3): rotary embedding's rotate_half fails to broadcast."""
-    if not builds_tiny_model(cfg):
-        return []
-    m = cfg["model"]
     if m["hidden_size"] % m["num_attention_heads"]:
-        return []  # hidden_size_splits_into_heads says it
+        return []  # _hidden_size_splits_into_heads says it
     head_dim = m["hidden_size"] // m["num_attention_heads"]
     if head_dim % 2:
         return [f"model.hidden_size / model.num_attention_heads = {m['hidden_size']} / "
@@ -545,9 +544,7 @@ Rule = Callable[[dict], "list[str]"]
 RULES: tuple[Rule, ...] = (
     rehearsal_needs_npu_target,
     pretrain_needs_npu_target,
-    hidden_size_splits_into_heads,
-    heads_split_into_kv_groups,
-    head_dim_is_even,
+    tiny_model_shape,
     prompt_leaves_room_for_target,
     training_fits_positions,
     decoding_fits_positions,

@@ -25,13 +25,18 @@ LOCK_DIR = Path(".snakemake/locks")
 OWNER = Path(".snakemake/llamapipe-lock-owner.json")
 
 
-def process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot): with the pid, names one process."""
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 on (the name in (...) may hold spaces); None if gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return stat.rpartition(")")[2].split()[19]  # field 22; the name in (...) may hold spaces
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot): with the pid, names one process."""
+    fields = _stat(pid)
+    return fields[19] if fields else None  # field 22
 
 
 def this_process() -> dict[str, Any]:
@@ -49,10 +54,10 @@ def _ancestors(pid: int) -> set[int]:
     seen = set()
     while pid > 1 and pid not in seen:
         seen.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
+        fields = _stat(pid)
+        if not fields:
             break
+        pid = int(fields[1])  # field 4: the parent
     return seen
 
 
