@@ -268,15 +268,35 @@ def test_several_nodes_pass_with_master_and_ips(tmp_path):
     assert problems(tmp_path, target="npu", npu=MULTI_NODE) == []
 
 
-def test_several_nodes_need_a_master(tmp_path):
-    message = refused(tmp_path, target="npu", npu={**MULTI_NODE, "master": None})
-    assert "npu.nodes (2) > 1 needs npu.master" in message
+def test_several_nodes_need_a_master_unless_srun_picks_it(tmp_path):
+    srun = {**MULTI_NODE, "master": None, "ips": None}
+    assert problems(tmp_path, target="npu", npu=srun) == []  # srun: the job's first node
     assert "npu.master ('10.0.0.1') is not host:port" in refused(tmp_path, target="npu",
                                                                  npu={**MULTI_NODE, "master": "10.0.0.1"})
+    local = {**MULTI_NODE, "master": None, "ips": None, "node_launcher": "local", "device": "cpu"}
+    assert "npu.nodes (2) > 1 with npu.node_launcher local needs npu.master" in refused(tmp_path, target="npu",
+                                                                                         npu=local)
 
 
-def test_several_nodes_need_every_address(tmp_path):
-    assert "npu.nodes (2) > 1 needs npu.ips" in refused(tmp_path, target="npu", npu={**MULTI_NODE, "ips": None})
+def test_the_local_stand_in_rendezvous_on_the_loopback_address(tmp_path):
+    cpu = {"nodes": 2, "master": "localhost:36677"}
+    assert "sft.master ('localhost:36677') with sft.node_launcher local must be 127.0.0.1:<port>" in refused(
+        tmp_path, sft=cpu)
+    assert problems(tmp_path, sft={"nodes": 2, "master": "127.0.0.1:36677"}) == []
+    assert "sft.nodes (2) > 1 with sft.node_launcher local needs sft.master" in refused(tmp_path, sft={"nodes": 2})
+
+
+def test_the_local_stand_in_is_refused_on_real_cards(tmp_path):
+    local = {**MULTI_NODE, "master": "127.0.0.1:8090", "ips": None, "node_launcher": "local"}
+    assert "starts every node's launcher on this host's cards" in refused(tmp_path, target="npu", npu=local)
+
+
+def test_cpu_launch_keys_are_refused_on_npu(tmp_path):
+    message = refused(tmp_path, target="npu", sft={"processes": 2})
+    assert "sft.processes (2) is the cpu target's; on npu one process per card in devices" in message
+
+
+def test_listed_addresses_are_checked(tmp_path):
     message = refused(tmp_path, target="npu", npu={**MULTI_NODE, "ips": "10.0.0.1,10.0.0.2,10.0.0.3"})
     assert "npu.ips (10.0.0.1,10.0.0.2,10.0.0.3) lists 3 address(es) for npu.nodes (2)" in message
     assert "lists an address twice" in refused(tmp_path, target="npu", npu={**MULTI_NODE, "ips": "10.0.0.1,10.0.0.1"})

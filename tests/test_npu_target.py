@@ -144,12 +144,16 @@ def test_pretrain_switch_runs_run_pretrain():
     assert opts["--model_name_or_path"] == opts["--tokenizer_name_or_path"] == "meta-llama/Llama-2-13b"
 
 
-def test_multi_node_passes_nnodes_master_and_ips():
+def test_multi_node_under_srun_takes_nodes_and_master_from_the_job():
+    """srun starts this line on every node: the node count, node id and master come from the job
+    (double-quoted, so the per-node shell expands them); a configured ips list is passed on."""
+    from llamapipe.launch import shell_line
+
     cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2"))
     argv = upstream_npu.launch_argv(cfg, "run_finetune.py", "logs")
-    assert shlex.join(argv).startswith(
-        "python -u -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 --log_dir logs --nnodes 2 "
-        "--master 10.0.0.1:8090 --ips 10.0.0.1,10.0.0.2 run_finetune.py")
+    assert shell_line(argv) == (
+        'python -u -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 --log_dir "logs/node$SLURM_NODEID" '
+        '--nnodes "$SLURM_NNODES" --master "$LLAMAPIPE_MASTER" --ips 10.0.0.1,10.0.0.2 run_finetune.py')
 
 
 def test_predict_longer_than_export_is_refused():

@@ -33,13 +33,15 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     _ckpt(root, 10, complete=True)
     good = _ckpt(root, 20, complete=True)
     _ckpt(root, 30, complete=False)  # killed while saving: no completion marker
-    assert sft.prepare_checkpoint_dir(root, FP) == str(good)
+    sft.prepare_checkpoint_dir(root, FP)
+    assert sft.last_checkpoint(root) == str(good)
 
 
 def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
     root = _run_dir(tmp_path)
     _ckpt(root, 10, complete=False)
-    assert sft.prepare_checkpoint_dir(root, FP) is None
+    sft.prepare_checkpoint_dir(root, FP)
+    assert sft.last_checkpoint(root) is None
 
 
 def _names(root):

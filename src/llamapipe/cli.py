@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "container-run":  # the container's exit code is the command's
         log.info("container exited with %s after %.1fs", result, time.time() - started)
         sys.exit(result)
-    if getattr(args, "path_flags", None):
+    # under paddle.distributed.launch (sft.processes > 1) rank 0 alone writes the manifest
+    if getattr(args, "path_flags", None) and os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
         _write_manifest(args, started_at)
     log.info("%s finished in %.1fs: %s", args.stage, time.time() - started,
              json.dumps(result, ensure_ascii=False, default=str))

@@ -15,7 +15,7 @@ import os
 import shlex
 from typing import Any
 
-from llamapipe import checkpoint_io, upstream_npu
+from llamapipe import checkpoint_io, launch, upstream_npu
 from llamapipe.ascend_checks import NPU_SMI_GUIDE_PATH, Host, find_npu_smi
 from llamapipe.config import visible_cards
 from llamapipe.runners.container import NPU_CONTROL_DEVICES, NPU_DRIVER_PATHS, project_id
@@ -40,8 +40,11 @@ def _device_groups(devices: list[str]) -> list[str]:
     return sorted({str(os.stat(d).st_gid) for d in devices if os.path.exists(d)} - {str(os.getgid())})
 
 
-def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) -> dict:
-    """What the container runner needs: image, devices, mounts, env, limits, labels."""
+def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1,
+                   pass_env: tuple[str, ...] = ()) -> dict:
+    """What the container runner needs: image, devices, mounts, env, limits, labels.
+    ``pass_env``: variables copied from the runner's environment when it starts the container
+    (what srun sets per task: ``$SLURM_NODEID`` ...)."""
     project_dir = os.path.abspath(project_dir)
     code = package_src_dir()
     # HOME: the caller's uid has no home in the image (pip, PaddleNLP caches); downloads of named
@@ -69,7 +72,12 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1) ->
     else:
         box = cfg["container"]
         image, shm, network, privileged = box["image"], box["shm_size"], box["network"], box["privileged"]
-    return {
+        if stage == "sft" and launch.launched(cfg) and network == "none":
+            # gloo binds to the address the hostname resolves to, which network none cannot
+            # reach; the processes meet over the loopback (as the rehearsal's smoke_collective)
+            env["GLOO_SOCKET_IFNAME"] = "lo"
+    spec_extra = {"pass_env": list(pass_env)} if pass_env else {}
+    return {**spec_extra,
         "image": image, "devices": devices, "mounts": mounts, "env": env, "shm_size": shm,
         "privileged": privileged, "network": network, "workdir": project_dir, "rule": stage,
         "project": project_id(project_dir), "user": f"{os.getuid()}:{os.getgid()}",
@@ -82,9 +90,13 @@ def package_src_dir() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _containerized(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int) -> str:
-    spec = json.dumps(container_spec(stage, cfg, project_dir, threads), sort_keys=True)
+def _containerized(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int,
+                   pass_env: tuple[str, ...] = ()) -> str:
+    spec = json.dumps(container_spec(stage, cfg, project_dir, threads, pass_env), sort_keys=True)
     return shlex.join(["llamapipe", "container-run", "--spec", spec, "--", *argv])
+
+
+SRUN_TASK_ENV = ("SLURM_NODEID", "SLURM_NNODES", "LLAMAPIPE_MASTER")  # what the per-node launch line reads
 
 
 def _npu_script(cfg: dict, lines: list[str], atb: bool = False) -> list[str]:
@@ -112,6 +124,10 @@ def _npu_script(cfg: dict, lines: list[str], atb: bool = False) -> list[str]:
 def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: list[str],
                   threads: int = 1) -> str:
     """``argv`` is the stage's own CLI call (``llamapipe <stage> ...``); wrap it for the target."""
+    if stage == "sft" and cfg["target"] == "npu" and _srun_nodes(launch.npu_layout(cfg)):
+        return _npu_sft_srun(cfg, paths, os.path.abspath(project_dir), threads)
+    if stage == "sft" and cfg["target"] != "npu" and launch.launched(cfg):
+        return _cpu_launched_sft(cfg, paths, project_dir, argv, threads)
     if cfg["target"] == "npu" and stage in NPU_UPSTREAM:
         inner = NPU_UPSTREAM[stage](cfg, paths, os.path.abspath(project_dir), argv)
         if cfg["runtime"] == "local":  # the rehearsal's local runtime: the same script, no container
@@ -120,6 +136,29 @@ def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: li
     if cfg["runtime"] == "container":
         return _containerized(stage, cfg, project_dir, ["python", "-m", "llamapipe", *argv[1:]], threads)
     return shlex.join(argv)
+
+
+def _srun_nodes(layout: launch.Layout) -> bool:
+    return layout.nodes > 1 and layout.node_launcher == "srun"
+
+
+def _cpu_launched_sft(cfg: dict, paths: dict, project_dir: str, argv: list[str], threads: int) -> str:
+    """sft.processes > 1 (or sft.nodes > 1): our sft stage under paddle.distributed.launch, data
+    parallel, through the launcher builder the npu target uses; the rule's threads shared out."""
+    layout = launch.cpu_layout(cfg)
+    inner = list(argv[1:])
+    inner[inner.index("--threads") + 1] = str(max(1, threads // launch.processes_on_one_host(layout)))
+    # "--": the launcher's parser classifies every later argument too, and our --train is an
+    # ambiguous prefix of its --trainers/--trainer_num ("ambiguous option")
+    entry = ["--", os.path.join(package_src_dir(), CLI_SCRIPT), *inner]
+    run = launch.node_command(layout, launch.launch_argv(layout, entry, paths["sft_launch_logs"]))
+    if _srun_nodes(layout):
+        per_node = (_containerized("sft", cfg, project_dir, run, threads, SRUN_TASK_ENV)
+                    if cfg["runtime"] == "container" else shlex.join(run))
+        return shlex.join(launch.srun_script(layout, per_node, after=[]))
+    if cfg["runtime"] == "container":
+        return _containerized("sft", cfg, project_dir, run, threads)
+    return shlex.join(run)
 
 
 def _abs(project: str, path: str) -> str:
@@ -156,6 +195,8 @@ def _check(kind: str, path: str) -> str:
 
 
 def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]:
+    """Upstream's training script under the launcher (one node, or the local stand-in for N:
+    ``llamapipe.local_nodes``), then collect-sft; with srun, the per-node part alone."""
     out = _abs(project, paths["sft_checkpoints"])
     model = _model(cfg, paths, project)
     if cfg["npu"]["pretrain"]["enabled"]:
@@ -165,10 +206,32 @@ def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]
     else:
         script, args = "run_finetune.py", upstream_npu.finetune_args(cfg, model, _abs(project, paths["data"]), out)
     launch_logs = _abs(project, paths["sft_launch_logs"])
-    launch = upstream_npu.launch_argv(cfg, script, launch_logs)
-    collect = ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", out, "--launch-logs", launch_logs,
-               "--out", _abs(project, paths["sft"]), "--save-total-limit", str(cfg["sft"]["save_total_limit"])]
-    return _npu_script(cfg, [*_training_env(cfg), shlex.join(launch + args), shlex.join(collect)])
+    layout = launch.npu_layout(cfg)
+    argv_launch = upstream_npu.launch_argv(cfg, script, launch_logs) + args
+    if _srun_nodes(layout):  # the per-node step of _npu_sft_srun: srun starts it on every node
+        return _npu_script(cfg, [*_training_env(cfg), launch.shell_line(argv_launch)])
+    run = launch.node_command(layout, argv_launch)
+    return _npu_script(cfg, [*_training_env(cfg), shlex.join(run), shlex.join(_collect_sft(cfg, paths, project))])
+
+
+def _collect_sft(cfg: dict, paths: dict, project: str) -> list[str]:
+    return ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", _abs(project, paths["sft_checkpoints"]),
+            "--launch-logs", _abs(project, paths["sft_launch_logs"]), "--out", _abs(project, paths["sft"]),
+            "--save-total-limit", str(cfg["sft"]["save_total_limit"])]
+
+
+def _npu_sft_srun(cfg: dict, paths: dict, project: str, threads: int) -> str:
+    """npu.nodes > 1 under SLURM: srun starts sft's script (container, Ascend env, launcher with
+    --nnodes $SLURM_NNODES --master $LLAMAPIPE_MASTER) once per node; collect-sft runs once after."""
+    layout = launch.npu_layout(cfg)
+    node_script = _npu_sft(cfg, paths, project, [])
+    collect = _npu_script(cfg, [shlex.join(_collect_sft(cfg, paths, project))])
+    if cfg["runtime"] == "local":
+        per_node, after = shlex.join(node_script), shlex.join(collect)
+    else:
+        per_node = _containerized("sft", cfg, project, node_script, threads, SRUN_TASK_ENV)
+        after = _containerized("sft", cfg, project, collect, threads)
+    return shlex.join(launch.srun_script(layout, per_node, [after]))
 
 
 def _training_env(cfg: dict) -> list[str]:
@@ -183,6 +246,7 @@ def _training_env(cfg: dict) -> list[str]:
 
 
 SMOKE_SCRIPT = os.path.join("llamapipe", "stages", "smoke_collective.py")  # under package_src_dir()
+CLI_SCRIPT = os.path.join("llamapipe", "entrypoints", "cli_script.py")  # our CLI as the launcher's script
 
 
 def _npu_smoke_collective(cfg: dict, paths: dict, project: str) -> list[str]:
@@ -194,11 +258,13 @@ def _npu_smoke_collective(cfg: dict, paths: dict, project: str) -> list[str]:
     logs = _abs(project, paths["smoke_launch_logs"])
     reports = os.path.join(logs, "ranks")
     script = os.path.join(package_src_dir(), SMOKE_SCRIPT)
-    launch = upstream_npu.launch_argv({**cfg, "devices": cards}, script, logs)
+    # one node's cards (several nodes: the node that runs the job), as sft's launcher starts them
+    one_node = {**cfg, "devices": cards, "npu": {**npu, "nodes": 1}}
+    launch_cmd = upstream_npu.launch_argv(one_node, script, logs)
     check = ["python", "-m", "llamapipe.collective_check", "--timeout", str(npu["smoke_timeout_s"]),
              "--cards", cards, "--reports", reports, "--launch-logs", logs,
              "--out", _abs(project, paths["smoke_collective"]), "--"]
-    return _npu_script(cfg, [*_training_env(cfg), shlex.join([*check, *launch, "--reports", reports])])
+    return _npu_script(cfg, [*_training_env(cfg), shlex.join([*check, *launch_cmd, "--reports", reports])])
 
 
 def smoke_collective_command(cfg: dict, paths: dict, project_dir: str, threads: int = 1) -> str:

@@ -405,11 +405,20 @@ def tensor_parallel_splits_heads(cfg: dict) -> list[str]:
             if heads % tp]
 
 
-# --- nodes (npu) -------------------------------------------------------------------------------
+# --- nodes (both targets: npu.nodes/master/ips, the cpu target's sft.nodes/master) -------------
+
+
+def _launch_keys(cfg: dict) -> tuple[str, dict]:
+    """The section that holds the launch layout, and its name as a user writes it."""
+    return ("npu", _npu(cfg)) if _on_npu(cfg) else ("sft", cfg.get("sft") or {})
+
+
+def _node_launcher(cfg: dict) -> str:
+    return _launch_keys(cfg)[1].get("node_launcher") or ("srun" if _on_npu(cfg) else "local")
 
 
 def _multi_node(cfg: dict) -> bool:
-    return _on_npu(cfg) and _npu(cfg).get("nodes", 1) > 1
+    return _launch_keys(cfg)[1].get("nodes", 1) > 1
 
 
 def _split_host_port(master: str) -> tuple[str, int] | None:
@@ -423,28 +432,60 @@ def _ips(cfg: dict) -> list[str]:
     return [ip.strip() for ip in (_npu(cfg).get("ips") or "").split(",") if ip.strip()]
 
 
+def launch_layout_keys_match_the_target(cfg: dict) -> list[str]:
+    """On npu the processes are the cards in ``devices`` and the nodes ``npu.nodes``: the cpu
+    target's sft.processes/nodes/master would be silently ignored there."""
+    if not _on_npu(cfg):
+        return []
+    sft = cfg.get("sft") or {}
+    defaults = {"processes": 1, "nodes": 1, "master": None}
+    return [f"sft.{k} ({sft[k]!r}) is the cpu target's; on npu {('one process per card in devices' if k == 'processes' else 'set npu.' + k)}"
+            for k, v in defaults.items() if k in sft and sft[k] != v]
+
+
 def nodes_have_a_master(cfg: dict) -> list[str]:
     """Without --master every node's launcher starts its own rendezvous server ("Copy the
-    following command to other nodes") and waits for peers that never come."""
+    following command to other nodes") and waits for peers that never come. srun may leave it
+    to the job (its first node); the local stand-in's master is this host's loopback, which is
+    the address the launcher recognises as its own (127.0.0.1, not "localhost")."""
     if not _multi_node(cfg):
         return []
-    npu = _npu(cfg)
-    if not npu.get("master"):
-        return [f"npu.nodes ({npu['nodes']}) > 1 needs npu.master (host:port of the first node)"]
-    if not _split_host_port(npu["master"]):
-        return [f"npu.master ({npu['master']!r}) is not host:port"]
+    name, sec = _launch_keys(cfg)
+    master = sec.get("master")
+    if not master:
+        if _node_launcher(cfg) == "srun":
+            return []
+        return [f"{name}.nodes ({sec['nodes']}) > 1 with {name}.node_launcher local needs {name}.master "
+                f"(127.0.0.1:<port>: every node's launcher runs on this host)"]
+    hp = _split_host_port(master)
+    if not hp:
+        return [f"{name}.master ({master!r}) is not host:port"]
+    if _node_launcher(cfg) == "local" and hp[0] != IPS_LOOPBACK:
+        return [f"{name}.master ({master!r}) with {name}.node_launcher local must be {IPS_LOOPBACK}:<port>: "
+                f"the launchers all run on this host, and only that address makes one of them the master"]
     return []
 
 
+def local_nodes_stay_off_the_cards(cfg: dict) -> list[str]:
+    """The local stand-in starts every node's launcher on this host: on real cards that is
+    npu.nodes launchers over the same devices."""
+    if not (_on_npu(cfg) and _multi_node(cfg) and _node_launcher(cfg) == "local"):
+        return []
+    if _npu(cfg).get("device", "npu") == "cpu":
+        return []
+    return [f"npu.node_launcher local with npu.nodes ({_npu(cfg)['nodes']}) > 1 starts every node's launcher "
+            f"on this host's cards: use npu.node_launcher srun (a SLURM job over the nodes)"]
+
+
 def nodes_are_listed(cfg: dict) -> list[str]:
-    """npu.ips names every node (docs/cluster.md), which is what master_is_a_node checks against:
-    one address per node, each once; paddle.distributed.launch raises for 127.0.0.1 among several
-    (and, without --master, takes each node's ranks from its index in the list)."""
-    if not _multi_node(cfg):
+    """npu.ips, when given (srun), is passed as --ips: one address per node, each once;
+    paddle.distributed.launch raises for 127.0.0.1 among several (and ranks nodes by their index
+    in the list). The local stand-in has no addresses to list."""
+    if not _multi_node(cfg) or not _on_npu(cfg) or not _ips(cfg):
         return []
     npu, ips = _npu(cfg), _ips(cfg)
-    if not ips:
-        return [f"npu.nodes ({npu['nodes']}) > 1 needs npu.ips (the address of every node, comma-separated)"]
+    if _node_launcher(cfg) == "local":
+        return [f"npu.ips ({npu['ips']}) with npu.node_launcher local: every node is this host, leave it null"]
     problems = []
     if len(ips) != npu["nodes"]:
         problems.append(f"npu.ips ({npu['ips']}) lists {len(ips)} address(es) for npu.nodes ({npu['nodes']})")
@@ -459,7 +500,7 @@ def nodes_are_listed(cfg: dict) -> list[str]:
 def master_is_a_node(cfg: dict) -> list[str]:
     """Only the launcher whose node address equals the master host starts the rendezvous server:
     a master outside the nodes (or a hostname instead of the address) leaves every node waiting."""
-    if not _multi_node(cfg) or not _ips(cfg) or not _split_host_port(_npu(cfg).get("master") or ""):
+    if not _on_npu(cfg) or not _multi_node(cfg) or not _ips(cfg) or not _split_host_port(_npu(cfg).get("master") or ""):
         return []
     host = _split_host_port(_npu(cfg)["master"])[0]
     if host not in _ips(cfg):
@@ -470,7 +511,7 @@ def master_is_a_node(cfg: dict) -> list[str]:
 def nodes_share_the_host_network(cfg: dict) -> list[str]:
     """The launchers and HCCL connect to each other's addresses: a container on network none or
     bridge (no published ports) cannot be reached from the other nodes."""
-    if not _multi_node(cfg) or cfg.get("runtime") != "container":
+    if not _on_npu(cfg) or not _multi_node(cfg) or cfg.get("runtime") != "container" or _node_launcher(cfg) != "srun":
         return []
     network = _npu(cfg).get("network", "host")
     if network != "host":
@@ -561,7 +602,9 @@ RULES: tuple[Rule, ...] = (
     pairing_is_the_pinned_set,
     layout_divides_cards,
     tensor_parallel_splits_heads,
+    launch_layout_keys_match_the_target,
     nodes_have_a_master,
+    local_nodes_stay_off_the_cards,
     nodes_are_listed,
     master_is_a_node,
     nodes_share_the_host_network,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamapipe import launch
+
 ASCEND_ENV_SCRIPTS = ("ascend-toolkit/set_env.sh",)
 # export/predict also source ATB's (export_npu.sh, predict_npu.sh: atb/); CANN 8.0.0 images ship
 # it under nnal/atb/: the first that exists is sourced.
@@ -29,26 +31,9 @@ def _args(pairs: list) -> list[str]:
 
 
 def launch_argv(cfg: dict, script: str, log_dir: str) -> list[str]:
-    """``python -u -m paddle.distributed.launch`` over the visible cards (and nodes)."""
-    npu = cfg["npu"]
-    argv = ["python", "-u", "-m", "paddle.distributed.launch"]
-    cards = cfg["devices"].split(",")
-    if npu["device"] == "cpu":  # a CPU build has no device labels: --devices raises ValueError
-        argv += ["--nproc_per_node", str(len(cards))]
-    else:
-        # The ids as the runtime numbers the cards, not the host's: ASCEND_RT_VISIBLE_DEVICES (the
-        # cards) leaves the runtime n cards, 0..n-1, and the launcher looks each --devices id up
-        # in that list (launch/context/device.py, get_selected_devices: labels.index): host ids
-        # 4,5,6,7 raise ValueError there ('4' is not in list ['0', '1', '2', '3']).
-        argv += ["--devices", ",".join(str(i) for i in range(len(cards)))]
-    argv += ["--log_dir", log_dir]
-    if npu["nodes"] > 1:
-        argv += ["--nnodes", str(npu["nodes"])]
-        if npu.get("master"):
-            argv += ["--master", npu["master"]]
-        if npu.get("ips"):
-            argv += ["--ips", npu["ips"]]
-    return argv + [script]
+    """``python -u -m paddle.distributed.launch`` over the visible cards (and nodes): the one
+    launcher builder (``llamapipe.launch``), as the cpu target's several-process sft uses it."""
+    return launch.launch_argv(launch.npu_layout(cfg), [script], log_dir)
 
 
 def finetune_args(cfg: dict, model: str, data_dir: str, output_dir: str) -> list[str]:

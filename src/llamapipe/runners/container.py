@@ -89,6 +89,7 @@ class ContainerSpec:
     workdir: str | None = None
     user: str | None = None
     group_add: list[str] = field(default_factory=list)  # supplementary groups, e.g. the davinci nodes' gid
+    pass_env: list[str] = field(default_factory=list)  # copied from the runner's environment at start (srun's per-task vars)
 
     def __post_init__(self) -> None:
         for name in ("image", "rule", "project"):
@@ -126,6 +127,9 @@ class ContainerSpec:
         if not isinstance(self.group_add, list) or not all(isinstance(g, str) and re.match(r"^[A-Za-z0-9_.-]+$", g)
                                                             for g in self.group_add):
             raise PipelineError(f"container spec: group_add must be a list of group ids or names, got {self.group_add!r}")
+        if not isinstance(self.pass_env, list) or not all(isinstance(n, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n)
+                                                           for n in self.pass_env):
+            raise PipelineError(f"container spec: pass_env must be a list of variable names, got {self.pass_env!r}")
 
     @classmethod
     def from_json(cls, text: str | dict[str, Any]) -> ContainerSpec:
@@ -345,7 +349,7 @@ def container_create_kwargs(spec: ContainerSpec, argv: list[str],
             LABEL_RULE: spec.rule,
             LABEL_STARTED: started.isoformat(timespec="seconds"),
         },
-        "environment": dict(spec.env),
+        "environment": {**spec.env, **{n: os.environ[n] for n in spec.pass_env if n in os.environ}},
         "devices": [f"{d}:{d}:rwm" for d in spec.devices],
         "mounts": [Mount(target=m["target"], source=m["source"], type="bind", read_only=m["read_only"])
                    for m in spec.mounts],

@@ -55,11 +55,8 @@ def fingerprint(params: dict[str, Any], train_file: str, base_dir: str, seed: in
     }
 
 
-def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str]) -> str | None:
-    """Return the checkpoint to resume from, or None; set aside checkpoints of a different run."""
-    os.environ.update(checkpoint_io.COMPLETE_CHECKPOINTS_ENV)
-    from paddlenlp.trainer.trainer_utils import get_last_checkpoint
-
+def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str]) -> None:
+    """Set aside checkpoints of a different run (one process does this: rank 0)."""
     fp_file = ckpt_dir / "fingerprint.json"
     if ckpt_dir.exists():
         old = json.loads(fp_file.read_text()) if fp_file.exists() else None
@@ -71,6 +68,13 @@ def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str]) -> str | None:
             shutil.move(str(ckpt_dir), str(aside))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json(fp_file, fp)
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint (upstream's ``.checkpoint_done`` rule), or None."""
+    os.environ.update(checkpoint_io.COMPLETE_CHECKPOINTS_ENV)
+    from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+
     last = get_last_checkpoint(str(ckpt_dir))
     if last:
         log.info("resuming from %s", last)
@@ -84,12 +88,14 @@ class LossLogWriter:
     record. It lives beside the checkpoints; on resume it is cut back to the resumed step.
     """
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, writer: bool = True):
+        self.path, self.writer = path, writer  # writer: one process writes (rank 0 of several)
+        if not writer:
+            return
         kept = []
         if resume_step and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
-        self.path = path
 
     def callback(self) -> Any:
         from paddlenlp.trainer import TrainerCallback
@@ -98,6 +104,8 @@ class LossLogWriter:
 
         class _Callback(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
+                if not writer.writer:
+                    return
                 entry = {"step": state.global_step}
                 entry.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
                 with open(writer.path, "a", encoding="utf-8") as f:
@@ -135,11 +143,14 @@ def resumable_trainer(seed: int) -> Any:
 
     class ResumableTrainer(Trainer):
         def _get_train_sampler(self):
-            if self.args.world_size > 1:
-                return super()._get_train_sampler()
+            # Several processes (sft.processes): the same sampler over the data-parallel ranks. Its
+            # permutation does not depend on the rank count (the dataset padded to a multiple of
+            # it, then shuffled: identical when that needs no padding), and rank r takes the r-th
+            # slice of each global batch: N processes at batch b/N see one process's batches of b.
             return EpochSeededSampler(
                 self.train_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
-                num_replicas=1, rank=0, drop_last=self.args.dataloader_drop_last,
+                num_replicas=self.args.world_size, rank=self.args.process_index,
+                drop_last=self.args.dataloader_drop_last,
             )
 
         def _save_checkpoint(self, model, metrics=None):
@@ -148,6 +159,13 @@ def resumable_trainer(seed: int) -> Any:
                 checkpoint_io.prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
 
     return ResumableTrainer
+
+
+def _barrier(args: Any) -> None:
+    if args.world_size > 1:
+        import paddle.distributed as dist
+
+        dist.barrier()
 
 
 def build_model(base_dir: str, params: dict[str, Any], dtype: str) -> Any:
@@ -203,7 +221,7 @@ def run(
     ckpt_dir: str,
     seed: int,
     device: str = "cpu",
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     from paddlenlp.data import DataCollatorForSeq2Seq
     from paddlenlp.datasets import MapDataset
     from paddlenlp.trainer import TrainingArguments
@@ -213,13 +231,17 @@ def run(
     seed_everything(seed)
     tok = load_tokenizer(base_dir)
     examples = load_examples(train_file, tok, params["src_length"], params["max_length"])
-    fp = fingerprint(params, train_file, base_dir, seed)
-    resume = prepare_checkpoint_dir(Path(ckpt_dir), fp)
+    # under paddle.distributed.launch (sft.processes > 1) this joins the process group
+    args = TrainingArguments(**training_arguments(params, ckpt_dir, seed, device))
+    first = args.process_index == 0
+    if first:
+        prepare_checkpoint_dir(Path(ckpt_dir), fingerprint(params, train_file, base_dir, seed))
+    _barrier(args)  # every rank resumes from what rank 0 left in place
+    resume = last_checkpoint(Path(ckpt_dir))
 
     resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
-    loss_log = LossLogWriter(Path(ckpt_dir) / "train_log.jsonl", resume_step)
+    loss_log = LossLogWriter(Path(ckpt_dir) / "train_log.jsonl", resume_step, writer=first)
     model = build_model(base_dir, params, params["dtype"])
-    args = TrainingArguments(**training_arguments(params, ckpt_dir, seed, device))
     collator = DataCollatorForSeq2Seq(tokenizer=tok, padding=True, label_pad_token_id=-100, return_tensors="np")
     trainer = resumable_trainer(seed)(
         model=model,
@@ -233,10 +255,13 @@ def run(
     result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - started
 
+    _barrier(args)
+    if not first:  # rank 0 writes the output (and the manifest: cli skips it on other ranks)
+        return None
     history = loss_log.entries()
     losses = [h for h in history if "loss" in h]
     tokens_per_step = sum(len(e["input_ids"]) for e in examples) / len(examples) * (
-        params["per_device_train_batch_size"] * params["gradient_accumulation_steps"]
+        params["per_device_train_batch_size"] * params["gradient_accumulation_steps"] * args.world_size
     )
     steps_run = trainer.state.global_step - resume_step
     summary = {
@@ -250,6 +275,7 @@ def run(
         "tokens_per_second": round(tokens_per_step * steps_run / elapsed, 1) if elapsed > 0 else None,
         "train_loss": result.training_loss,
         "examples": len(examples),
+        "processes": args.world_size,
     }
     with atomic_dir(out_dir) as tmp:
         trainer.save_model(str(tmp))

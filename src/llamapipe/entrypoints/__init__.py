@@ -1,0 +1,1 @@
+"""Script files for launchers that start a path, not a module (see cli_script.py)."""
