@@ -73,6 +73,41 @@ def schema_path() -> str:
     return os.path.join(os.path.dirname(__file__), "..", "..", "workflow", "schemas", "config.schema.yaml")
 
 
+SCALAR_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def coerce_cli_scalars(config: Any, schema: dict, root: dict | None = None) -> Any:
+    """Nested values given as ``--config 'sft={processes: 2}'`` reach the config as strings
+    (Snakemake parses them with YAML's BaseLoader): read each such string as YAML where the
+    schema wants a number, boolean or null there. Anything else is left for validation."""
+    import yaml
+
+    root = root or schema
+    if "$ref" in schema:  # local refs only ("#/$defs/npu"), as the schema uses
+        node: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = node
+    if isinstance(config, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_cli_scalars(v, props[k], root) if k in props else v for k, v in config.items()}
+    if not isinstance(config, str):
+        return config
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    wanted = tuple(SCALAR_TYPES[t] for t in types if t in SCALAR_TYPES)
+    if not wanted or "string" in types:
+        return config
+    for read in (int, float, yaml.safe_load):  # float: "3e-3", which YAML 1.1 reads as a string
+        try:
+            value = read(config)
+        except (ValueError, yaml.YAMLError):
+            continue
+        if isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted):
+            return value
+    return config
+
+
 def load(path: str, schema: str | None = None) -> dict:
     """config.yaml validated with defaults filled in, as Snakemake's ``validate`` does, then
     resolved: for tools and tests that work without Snakemake."""

@@ -23,7 +23,7 @@ NODE_ID = "@NODE@"  # in argv for local_nodes, which puts each node's index ther
 SRUN_MASTER_PORT = 36677  # srun without a configured master: <first node>:this
 # What the node running the job step calls its own address: what the launcher compares --master
 # with (launch/context/node.py: gethostbyname(getfqdn(hostname))) to decide who serves the rendezvous.
-SRUN_MASTER_HOST = "$(python3 -c 'import socket as s, sys; sys.stdout.write(s.gethostbyname(s.getfqdn()))')"
+SRUN_MASTER_HOST = "$(python3 -c \"print(__import__('socket').gethostbyname(__import__('socket').getfqdn()))\")"
 
 
 @dataclass(frozen=True)

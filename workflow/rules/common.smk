@@ -4,6 +4,8 @@ import os
 import shlex
 import sys
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -14,7 +16,7 @@ from llamapipe.commands import (
     smoke_collective_command,
     stage_command,
 )
-from llamapipe.config import resolve as resolve_config
+from llamapipe.config import coerce_cli_scalars, resolve as resolve_config
 from llamapipe.errors import PipelineError
 from llamapipe.parallel_config import plan_argv
 from llamapipe.stale_lock import record_owner as record_lock_owner
@@ -25,6 +27,12 @@ envvars:
     "PATH",
 
 
+# `--config 'sft={processes: 2}'`: Snakemake hands nested values over as strings; typed here
+# by the schema before it validates them.
+with open(os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")) as _f:
+    _typed = coerce_cli_scalars(config, yaml.safe_load(_f))
+config.clear()
+config.update(_typed)
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 try:
     # The target's overlays applied (npu.sft over sft, ...), then checked again as a whole.
