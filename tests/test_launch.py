@@ -86,13 +86,14 @@ def test_cpu_srun_starts_one_launcher_per_node_of_the_job(tmp_path):
     expected = socket.gethostbyname(socket.getfqdn())
     assert master.stdout.strip() == f"{expected}:{launch.SRUN_MASTER_PORT}", master.stderr
     srun = steps[5]
-    assert srun[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert srun[5:7] == ["bash", "-c"]  # each task's own shell expands its $SLURM_NODEID
-    per_task = shlex.split(srun[7])
+    assert srun[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                        "--overlap"]
+    assert srun[6:8] == ["bash", "-c"]  # each task's own shell expands its $SLURM_NODEID
+    per_task = shlex.split(srun[8])
     assert per_task[:7] == ["python", "-u", "-m", "paddle.distributed.launch", "--nproc_per_node", "1", "--log_dir"]
     assert per_task[7:13] == ["results/logs/sft_launch/node$SLURM_NODEID", "--nnodes", "$SLURM_NNODES",
                               "--master", "$LLAMAPIPE_MASTER", "--"]
-    assert '"results/logs/sft_launch/node$SLURM_NODEID"' in srun[7]  # double-quoted: expanded per task
+    assert '"results/logs/sft_launch/node$SLURM_NODEID"' in srun[8]  # double-quoted: expanded per task
     assert per_task[per_task.index("--threads") + 1] == "2"  # one launcher per node: the node's threads
 
 
@@ -111,9 +112,10 @@ def test_npu_nodes_under_srun_run_sfts_script_per_node_and_collect_once(tmp_path
     script = shlex.split(commands.stage_command("sft", cfg, PATHS, "/p", SFT_ARGV, threads=8))
     steps = _steps(script[2])
     srun = steps[5]
-    assert srun[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert srun[5:8] == ["llamapipe", "container-run", "--spec"]
-    spec = json.loads(srun[8])
+    assert srun[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                        "--overlap"]
+    assert srun[6:9] == ["llamapipe", "container-run", "--spec"]
+    spec = json.loads(srun[9])
     assert spec["pass_env"] == ["SLURM_NODEID", "SLURM_NNODES", "LLAMAPIPE_MASTER"]
     per_node = srun[srun.index("--") + 1:]
     assert per_node[:2] == ["bash", "-c"]

@@ -434,3 +434,33 @@ def subprocess_out(argv: list) -> str:
     import subprocess
 
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.e2e
+@needs_checkout
+def test_rehearsal_two_node_stand_in_runs_upstream_finetune_data_parallel(tmp_path):
+    """npu.nodes 2 on one host (npu.node_launcher local, a listed difference): two launchers of
+    upstream's run_finetune.py meet at 127.0.0.1 and train as one world of two ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    project = copy_project(tmp_path / "project")
+    (project / "short.yaml").write_text("sft:\n  max_steps: 30\n  save_steps: 10\n  warmup_steps: 5\n"
+                                        f"npu:\n  nodes: 2\n  master: '127.0.0.1:{port}'\n")
+    proc = snakemake(project, "results/sft", "--cores", "2", "--configfile", "short.yaml", "--config", "target=npu",
+                     "rehearsal=cpu", env={rehearsal.CHECKOUT_ENV: CHECKOUT}, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert "npu.node_launcher = \"local\"" in out  # printed with the other differences
+    logs = project / "results/logs/sft_launch"
+    for node in ("node0", "node1"):
+        worker = (logs / node / "workerlog.0").read_text()
+        assert "world_size: 2, distributed training: True" in worker and "data_parallel_degree          : 2" in worker
+    ranks = sorted((logs / node / "envlog.0").read_text().split("PADDLE_TRAINER_ID=")[1].split()[0]
+                   for node in ("node0", "node1"))
+    assert ranks == ["0", "1"]
+    log = [json.loads(x) for x in (project / "results/sft/train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 31))
+    kept = sorted(p.name for p in (project / "results/checkpoints/sft").glob("checkpoint-*"))
+    assert kept == ["checkpoint-20", "checkpoint-30"]  # two processes: upstream's own rotation

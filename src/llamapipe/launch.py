@@ -122,7 +122,9 @@ def srun_script(layout: Layout, per_node: str, after: list[str]) -> list[str]:
         f'the layout {layout.nodes}: ask for --nodes={layout.nodes}" >&2 && exit 2)',
         f"export LLAMAPIPE_MASTER={master}",
         'echo "sft: $SLURM_NNODES nodes ($SLURM_JOB_NODELIST), master $LLAMAPIPE_MASTER"',
-        f"srun --nodes={layout.nodes} --ntasks={layout.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 {per_node}",
+        # --overlap: the rule itself may run inside a step holding the job's CPUs (the jobstep plugin's)
+        f"srun --nodes={layout.nodes} --ntasks={layout.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 --overlap "
+        f"{per_node}",
         *after,
     ]
     return ["bash", "-c", "; ".join(lines)]

@@ -100,7 +100,10 @@ def _differences(cfg: dict) -> list[Difference]:
         Difference("npu.env.GLOO_SOCKET_IFNAME", "lo", "gloo, the CPU stand-in for HCCL in smoke_collective, "
                    "binds to the loopback: without a network the container's hostname does not resolve",
                    runtime="container"),
-    ]
+    ] + ([Difference("npu.node_launcher", "local", "no SLURM allocation: the npu.nodes launchers all start on "
+                     "this host (llamapipe.local_nodes) and meet at npu.master on 127.0.0.1, where srun would "
+                     "start one per node of the job")]
+         if (cfg.get("npu") or {}).get("nodes", 1) > 1 else [])
 
 
 def given_checkout(cfg: dict) -> str | None:

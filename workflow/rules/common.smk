@@ -18,6 +18,7 @@ from llamapipe.commands import (
 )
 from llamapipe.config import coerce_cli_scalars, resolve as resolve_config
 from llamapipe.errors import PipelineError
+from llamapipe.launch import layout_of, slurm_nodes
 from llamapipe.parallel_config import plan_argv
 from llamapipe.stale_lock import record_owner as record_lock_owner
 from llamapipe.workflow_glue import install_execution_hooks
@@ -180,6 +181,11 @@ def stage_cmd(rule_name, *args, threads=1):
 def npu_cards(rule_name):
     """resources: npu=<cards>, so `--resources npu=8` keeps two NPU jobs off the same cards."""
     return len(cards_for(rule_name, CFG))
+
+
+def sft_nodes():
+    """resources: nodes=<N> for sft: what the SLURM job must hold (srun: one launcher a node)."""
+    return slurm_nodes(layout_of(CFG))
 
 
 def shell_join(*argv):

@@ -68,6 +68,8 @@ rule sft:
     threads: CFG["threads"]
     resources:
         npu=npu_cards("sft"),
+        # a SLURM job over the nodes when srun starts the launchers (profiles/slurm)
+        nodes=sft_nodes(),
     params:
         cmd=stage_cmd(
             "sft",

@@ -47,7 +47,11 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_l
     has_config = any((src / name).is_file() for name in ("config.json", "lora_config.json"))
     if not src.is_dir() or not _weights(src) or not has_config:
         raise PipelineError(f"{ckpt_dir} holds no final model (weights and config.json): did training finish?")
-    worker_log = Path(launch_logs) / "workerlog.0"  # rank 0 logs the losses
+    # local rank 0 logs the losses (the mean over all ranks); several nodes: each node's launcher
+    # logs under node<K>/ (llamapipe.launch), and node 0's first process is as good as any
+    worker_log = Path(launch_logs) / "workerlog.0"
+    if not worker_log.is_file() and (Path(launch_logs) / "node0" / "workerlog.0").is_file():
+        worker_log = Path(launch_logs) / "node0" / "workerlog.0"
     history = parse_trainer_log(worker_log.read_text(errors="replace").splitlines()) if worker_log.is_file() else []
     if launch_logs and not history:
         raise PipelineError(f"{worker_log}: no loss lines (\"loss: ..., global_step: N\") from the trainer")
