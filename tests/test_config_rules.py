@@ -18,7 +18,7 @@ from llamapipe.config import deep_merge, load, resolve
 from llamapipe.errors import PipelineError
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
-MULTI_NODE = {"nodes": 2, "master": "10.0.0.1:8090", "ips": "10.0.0.1,10.0.0.2"}
+MULTI_NODE = {"nodes": 2, "master": "10.0.0.1:8090", "ips": "10.0.0.1,10.0.0.2", "node_launcher": "srun"}
 SEVEN_B_ON_FOUR = {"model_name_or_path": "meta-llama/Llama-2-7b", "parallel": {"tensor_parallel_degree": 4}}
 
 

@@ -97,6 +97,15 @@ def test_cpu_srun_starts_one_launcher_per_node_of_the_job(tmp_path):
     assert per_task[per_task.index("--threads") + 1] == "2"  # one launcher per node: the node's threads
 
 
+def test_srun_on_one_node_is_srun_over_the_jobs_one_node(tmp_path):
+    """sft.node_launcher srun with one node: the same recipe (what the one-node test cluster runs)."""
+    steps = _steps(_sft(_cfg(tmp_path, sft={"processes": 2, "node_launcher": "srun"}))[2])
+    assert steps[5][:6] == ["srun", "--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                            "--overlap"]
+    per_task = shlex.split(steps[5][8])
+    assert per_task[4:6] == ["--nproc_per_node", "2"] and "$SLURM_NNODES" in per_task
+
+
 def test_srun_outside_a_job_and_a_wrong_node_count_fail_with_the_reason(tmp_path):
     script = _sft(_cfg(tmp_path, sft={"nodes": 2, "node_launcher": "srun"}))
     guard = "; ".join(script[2].split("; ")[:3])
@@ -108,7 +117,7 @@ def test_srun_outside_a_job_and_a_wrong_node_count_fail_with_the_reason(tmp_path
 
 
 def test_npu_nodes_under_srun_run_sfts_script_per_node_and_collect_once(tmp_path):
-    cfg = _cfg(tmp_path, target="npu", npu={"nodes": 2})
+    cfg = _cfg(tmp_path, target="npu", npu={"nodes": 2, "node_launcher": "srun"})
     script = shlex.split(commands.stage_command("sft", cfg, PATHS, "/p", SFT_ARGV, threads=8))
     steps = _steps(script[2])
     srun = steps[5]
@@ -129,7 +138,7 @@ def test_npu_nodes_under_srun_run_sfts_script_per_node_and_collect_once(tmp_path
 
 
 def test_smoke_collective_stays_on_one_node(tmp_path):
-    cfg = _cfg(tmp_path, target="npu", npu={"nodes": 2})
+    cfg = _cfg(tmp_path, target="npu", npu={"nodes": 2, "node_launcher": "srun"})
     paths = {**PATHS, "smoke_collective": "results/smoke.json", "smoke_launch_logs": "results/logs/smoke"}
     script = commands._npu_smoke_collective(cfg, paths, "/p")[-1]
     assert "--nnodes" not in script and "--log_dir /p/results/logs/smoke " in script

@@ -149,7 +149,7 @@ def test_multi_node_under_srun_takes_nodes_and_master_from_the_job():
     (double-quoted, so the per-node shell expands them); a configured ips list is passed on."""
     from llamapipe.launch import shell_line
 
-    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2"))
+    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2", node_launcher="srun"))
     argv = upstream_npu.launch_argv(cfg, "run_finetune.py", "logs")
     assert shell_line(argv) == (
         'python -u -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 --log_dir "logs/node$SLURM_NODEID" '
@@ -208,7 +208,8 @@ def test_parallel_auto_takes_the_planners_layout_and_writes_plan_json(npu_projec
 def test_multi_node_plan_covers_all_cards():
     from llamapipe.parallel_config import apply_plan
 
-    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2", parallel="auto"))
+    cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2", parallel="auto",
+                       node_launcher="srun"))
     result = apply_plan(cfg)
     assert result.setup.total_cards == 16
     assert result.chosen.layout.world == 16

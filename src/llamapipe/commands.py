@@ -139,11 +139,11 @@ def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: li
 
 
 def _srun_nodes(layout: launch.Layout) -> bool:
-    return layout.nodes > 1 and layout.node_launcher == "srun"
+    return launch.by_srun(layout)
 
 
 def _cpu_launched_sft(cfg: dict, paths: dict, project_dir: str, argv: list[str], threads: int) -> str:
-    """sft.processes > 1 (or sft.nodes > 1): our sft stage under paddle.distributed.launch, data
+    """sft.processes > 1, sft.nodes > 1 or srun: our sft stage under paddle.distributed.launch, data
     parallel, through the launcher builder the npu target uses; the rule's threads shared out."""
     layout = launch.cpu_layout(cfg)
     inner = list(argv[1:])
@@ -221,7 +221,7 @@ def _collect_sft(cfg: dict, paths: dict, project: str) -> list[str]:
 
 
 def _npu_sft_srun(cfg: dict, paths: dict, project: str, threads: int) -> str:
-    """npu.nodes > 1 under SLURM: srun starts sft's script (container, Ascend env, launcher with
+    """npu.node_launcher srun (a SLURM job over npu.nodes): srun starts sft's script (container, Ascend env, launcher with
     --nnodes $SLURM_NNODES --master $LLAMAPIPE_MASTER) once per node; collect-sft runs once after."""
     layout = launch.npu_layout(cfg)
     node_script = _npu_sft(cfg, paths, project, [])
@@ -259,7 +259,7 @@ def _npu_smoke_collective(cfg: dict, paths: dict, project: str) -> list[str]:
     reports = os.path.join(logs, "ranks")
     script = os.path.join(package_src_dir(), SMOKE_SCRIPT)
     # one node's cards (several nodes: the node that runs the job), as sft's launcher starts them
-    one_node = {**cfg, "devices": cards, "npu": {**npu, "nodes": 1}}
+    one_node = {**cfg, "devices": cards, "npu": {**npu, "nodes": 1, "node_launcher": "local"}}
     launch_cmd = upstream_npu.launch_argv(one_node, script, logs)
     check = ["python", "-m", "llamapipe.collective_check", "--timeout", str(npu["smoke_timeout_s"]),
              "--cards", cards, "--reports", reports, "--launch-logs", logs,

@@ -414,7 +414,7 @@ def _launch_keys(cfg: dict) -> tuple[str, dict]:
 
 
 def _node_launcher(cfg: dict) -> str:
-    return _launch_keys(cfg)[1].get("node_launcher") or ("srun" if _on_npu(cfg) else "local")
+    return _launch_keys(cfg)[1].get("node_launcher") or "local"
 
 
 def _multi_node(cfg: dict) -> bool:
@@ -474,7 +474,7 @@ def local_nodes_stay_off_the_cards(cfg: dict) -> list[str]:
     if _npu(cfg).get("device", "npu") == "cpu":
         return []
     return [f"npu.node_launcher local with npu.nodes ({_npu(cfg)['nodes']}) > 1 starts every node's launcher "
-            f"on this host's cards: use npu.node_launcher srun (a SLURM job over the nodes)"]
+            f"on this host's cards: set npu.node_launcher: srun (a SLURM job over the nodes, profiles/slurm)"]
 
 
 def nodes_are_listed(cfg: dict) -> list[str]:

@@ -1,11 +1,12 @@
 """``paddle.distributed.launch`` command lines for both targets, one builder.
 
 A layout is processes per node (npu: one per visible card; cpu: ``sft.processes``) times nodes.
-With several nodes, ``node_launcher`` says who starts each node's launcher:
+``node_launcher`` says who starts each node's launcher:
 
-- ``local``: every node's launcher on this host, under ``llamapipe.local_nodes`` (the stand-in
-  for N nodes: what ``--nnodes/--master`` do on a cluster, over 127.0.0.1);
-- ``srun``: inside a SLURM allocation, ``srun`` starts one launcher per node with
+- ``local`` (default): this job; with several nodes, all of them on this host under
+  ``llamapipe.local_nodes`` (the stand-in for N nodes: what ``--nnodes/--master`` do on a
+  cluster, over 127.0.0.1);
+- ``srun``: inside a SLURM job, ``srun`` starts one launcher per node of the job with
   ``--nnodes $SLURM_NNODES``; the node that runs the job step (SLURM's first node) is the master.
 
 Each node's launcher logs under ``<log_dir>/node<K>``: the launcher names worker logs by local
@@ -44,7 +45,7 @@ def npu_layout(cfg: dict) -> Layout:
     """One process per card in ``devices``, ``npu.nodes`` nodes."""
     npu = cfg["npu"]
     return Layout(npu["device"], len(str(cfg["devices"]).split(",")), npu.get("nodes", 1), npu.get("master"),
-                  npu.get("ips"), npu.get("node_launcher", "srun"))
+                  npu.get("ips"), npu.get("node_launcher", "local"))
 
 
 def cpu_layout(cfg: dict) -> Layout:
@@ -60,7 +61,12 @@ def layout_of(cfg: dict) -> Layout:
 
 def launched(cfg: dict) -> bool:
     """Whether the cpu sft stage runs under the launcher (one plain process otherwise)."""
-    return cpu_layout(cfg).world > 1
+    layout = cpu_layout(cfg)
+    return layout.world > 1 or layout.node_launcher == "srun"
+
+
+def by_srun(layout: Layout) -> bool:
+    return layout.node_launcher == "srun"
 
 
 def processes_on_one_host(layout: Layout) -> int:
@@ -84,9 +90,9 @@ def launch_argv(layout: Layout, entry: list[str], log_dir: str) -> list[str]:
         # in that list (launch/context/device.py, get_selected_devices: labels.index): host ids
         # 4,5,6,7 raise ValueError there ('4' is not in list ['0', '1', '2', '3']).
         argv += ["--devices", ",".join(str(i) for i in range(layout.procs))]
-    if layout.nodes == 1:
+    if layout.nodes == 1 and not by_srun(layout):
         return argv + ["--log_dir", log_dir, *entry]
-    if layout.node_launcher == "srun":
+    if by_srun(layout):
         argv += ["--log_dir", f"{log_dir}/node$SLURM_NODEID", "--nnodes", "$SLURM_NNODES",
                  "--master", "$LLAMAPIPE_MASTER"]
     else:
@@ -101,11 +107,11 @@ def launch_argv(layout: Layout, entry: list[str], log_dir: str) -> list[str]:
 def node_command(layout: Layout, launch: list[str]) -> list[str]:
     """How the launch argv starts on every node: as is (one node), under local_nodes, or the
     per-node script srun runs (see ``srun_script``)."""
+    if by_srun(layout):
+        return ["bash", "-c", shell_line(launch)]
     if layout.nodes == 1:
         return launch
-    if layout.node_launcher == "local":
-        return ["python", "-m", "llamapipe.local_nodes", "--nodes", str(layout.nodes), "--", *launch]
-    return ["bash", "-c", shell_line(launch)]
+    return ["python", "-m", "llamapipe.local_nodes", "--nodes", str(layout.nodes), "--", *launch]
 
 
 def srun_script(layout: Layout, per_node: str, after: list[str]) -> list[str]:
