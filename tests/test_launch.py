@@ -177,12 +177,15 @@ def test_local_nodes_runs_each_node_with_its_index(tmp_path):
 
 def test_a_failing_node_stops_the_others_and_gives_its_exit_code(tmp_path):
     started = time.time()
-    done = _nodes(tmp_path, '[ @NODE@ = 1 ] && exit 7; sleep 60 & echo $! > sleeper.@NODE@; wait')
+    # each "launcher" stops its worker on SIGTERM, as paddle.distributed.launch does
+    # (node 1 fails once node 0's worker runs)
+    done = _nodes(tmp_path, 'if [ @NODE@ = 1 ]; then while [ ! -s sleeper.0 ]; do sleep 0.1; done; exit 7; fi; '
+                            'trap \'kill $w; exit 143\' TERM; sleep 60 & w=$!; echo $w > sleeper.@NODE@; wait')
     assert done.returncode == 7
     assert "node 1 exited with 7; stopping the others" in done.stderr
     assert time.time() - started < 30  # node 0's sleep 60 did not hold it
     sleeper = Path(f"/proc/{int((tmp_path / 'sleeper.0').read_text())}/stat")
-    assert not sleeper.exists() or sleeper.read_text().split(") ")[1][0] == "Z"  # its group went too (or a zombie)
+    assert not sleeper.exists() or sleeper.read_text().split(") ")[1][0] == "Z"  # its worker went too (or a zombie)
 
 
 def test_a_command_without_the_node_placeholder_is_refused(tmp_path):

@@ -5,14 +5,15 @@
 
 Starts the command once per node with ``@NODE@`` replaced by the node's index, prefixes each
 node's output with ``[nodeK]``, and behaves as ``srun --kill-on-bad-exit`` does: the first node
-that fails stops the others, and the exit code is that node's. SIGTERM/SIGINT reach every node
-(each launcher in its own process group, so its workers go with it).
+that fails stops the others, and the exit code is that node's. SIGTERM/SIGINT reach every node;
+the launcher stops its workers (which it starts in sessions of their own) when it gets them. The
+launchers stay in this job's process group, where a rerun after a killed snakemake looks for
+leftover jobs (llamapipe.stale_lock).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -29,19 +30,16 @@ def _pump(stream, prefix: str) -> None:
         sys.stdout.buffer.flush()
 
 
-def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
+            p.terminate()
     deadline = time.time() + STOP_GRACE_S
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            p.kill()
             p.wait()
 
 
@@ -54,7 +52,7 @@ def run(nodes: int, argv: list[str]) -> int:
     pumps = []
     for k in range(nodes):
         p = subprocess.Popen([a.replace(NODE_ID, str(k)) for a in argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+                             stderr=subprocess.STDOUT)
         procs.append(p)
         t = threading.Thread(target=_pump, args=(p.stdout, f"[node{k}] "), daemon=True)
         t.start()
