@@ -14,11 +14,17 @@ export LLAMAPIPE_DOCKER_CACHE
 setup: $(VENV)/.installed
 
 # The container tests start their own Docker engine (Debian's docker.io) and build their base
-# image with debootstrap; installed here when missing (needs root, as on CI).
+# image with debootstrap; the SLURM tests start their own munged, mariadbd, slurmdbd, slurmctld
+# and slurmd (tests/slurm_cluster.py: private sockets, ports and config, none of the packages'
+# services). Installed here when missing (needs root, as on CI).
+SLURM_TOOLS := munged mariadbd slurmdbd slurmctld slurmd sbatch sacct
 system-deps:
 	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v chromium >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    docker.io debootstrap pciutils chromium >/dev/null; }
+	@(for t in $(SLURM_TOOLS); do command -v $$t >/dev/null || exit 1; done) || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurmctld slurmd slurm-client slurmdbd munge mariadb-server >/dev/null; }
 
 $(VENV)/.installed: envs/requirements.txt envs/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -14,6 +14,7 @@ import pytest
 # module shares one engine (a fixture imported into two modules would be two fixtures, and the
 # second would wait forever on the first's cache lock).
 from docker_engine import base_image, cpu_image, docker_engine  # noqa: F401,E402
+from slurm_cluster import slurm_cluster  # noqa: F401,E402  (session: one cluster for all SLURM tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
