@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 from ci_policy import unavailable
+from daemons import pid_alive, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
@@ -73,25 +74,6 @@ def _log_tail(path: Path, chars: int = 2500) -> str:
         return "(no log)"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop_pid(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def start_engine(base: Path, data_root: Path, cache_dir: Path | None,
@@ -137,7 +119,7 @@ def start_engine(base: Path, data_root: Path, cache_dir: Path | None,
             except Exception as exc:  # not up yet
                 last_error = exc
         time.sleep(0.25)
-    _stop_pid(proc)
+    stop_process(proc, STOP_TIMEOUT)
     _stop_containerd(exec_root)
     _unmount_under(exec_root, data_root)
     raise RuntimeError(f"dockerd did not answer a ping within {START_TIMEOUT:.0f} s ({last_error}); "
@@ -160,7 +142,7 @@ def _stop_containerd(exec_root: Path) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
         for _ in range(50):
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
@@ -189,7 +171,7 @@ def stop_engine(engine: DockerEngine, proc: subprocess.Popen) -> None:
         engine.client.close()
     except Exception:
         pass
-    _stop_pid(proc)
+    stop_process(proc, STOP_TIMEOUT)
     _stop_containerd(engine.exec_root)
     _unmount_under(engine.exec_root, engine.data_root)
 
@@ -207,7 +189,7 @@ def _stop_leftover_engine(cache_dir: Path) -> None:
     if cmdline and cmdline[0].endswith(b"dockerd") and str(cache_dir / "data-root").encode() in cmdline:
         os.kill(pid, signal.SIGTERM)
         for _ in range(int(STOP_TIMEOUT * 10)):
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 break
             time.sleep(0.1)
         else:

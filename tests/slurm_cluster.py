@@ -56,6 +56,7 @@ from pathlib import Path
 import pytest
 
 from ci_policy import unavailable
+from daemons import pid_alive, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin"
@@ -134,25 +135,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def _marked_pids(base: Path) -> list[int]:
@@ -385,7 +367,7 @@ def stop_cluster(cluster: SlurmCluster) -> None:
         except (OSError, subprocess.SubprocessError):
             pass
     for name in reversed(list(cluster.procs)):
-        _stop(cluster.procs[name])
+        stop_process(cluster.procs[name], STOP_TIMEOUT)
     leftovers = _marked_pids(cluster.base)
     for pid in leftovers:
         try:
@@ -394,7 +376,7 @@ def stop_cluster(cluster: SlurmCluster) -> None:
             pass
     deadline = time.monotonic() + 10
     while leftovers and time.monotonic() < deadline:
-        leftovers = [p for p in leftovers if _pid_alive(p)]
+        leftovers = [p for p in leftovers if pid_alive(p)]
         time.sleep(0.1)
     for pid in leftovers:
         try:
