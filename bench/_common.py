@@ -103,11 +103,15 @@ def stage_params(cfg: dict) -> dict[str, dict]:
     }
 
 
-def build_workspace(work: Path, threads: int = 2, until: str = "init-model", sft_steps: int = 100) -> dict[str, Path]:
-    """The default pipeline's stages through the CLI into ``work``: data, base model and, if asked,
-    sft (``sft_steps`` steps) -> merge -> export. Returns the paths."""
+def build_workspace(work: Path, threads: int = 2, until: str = "init-model", sft_steps: int = 100,
+                    model: dict | None = None) -> dict[str, Path]:
+    """The default pipeline's stages through the CLI into ``work``: data, base model (``model``:
+    another shape than config.yaml's) and, if asked, sft (``sft_steps`` steps) -> merge -> export.
+    Returns the paths."""
     cfg = load_config()
     params = stage_params(cfg)
+    if model:
+        params["init-model"] = model
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     p = {"raw": work / "raw", "data": work / "data", "train": work / "data/train.json",
@@ -130,11 +134,12 @@ def build_workspace(work: Path, threads: int = 2, until: str = "init-model", sft
     return p
 
 
-def fresh_copy(base: Path) -> Path:
-    """A copy of the project as a fresh clone has it, for a real Snakemake run."""
+def fresh_copy(base: Path, root: Path = ROOT) -> Path:
+    """A copy of the project (``root``: another tree, e.g. ``git archive`` of an older commit) as a
+    fresh clone has it, for a real Snakemake run."""
     dest = Path(tempfile.mkdtemp(prefix="project-", dir=base))
     for name in PROJECT_FILES:
-        src = ROOT / name
+        src = root / name
         if src.is_dir():
             shutil.copytree(src, dest / name)
         elif src.exists():

@@ -2,15 +2,19 @@
 
     .venv/bin/python bench/inference_speed.py              # 5 rounds, 16 dev prompts, 96 new tokens
     .venv/bin/python bench/inference_speed.py --quick      # 1 round, 8 prompts, 16 new tokens
-    .venv/bin/python bench/inference_speed.py --results results   # reuse a finished run's results/
+    .venv/bin/python bench/inference_speed.py --results results   # reuse a finished run's merged model
 
 The model: the default pipeline's stages (init_model -> sft -> merge -> export) in a temporary
 directory (sft: the config's 1000 steps; --quick: 10), or an existing results/ directory.
 Contenders, each warmed up once per batch size, then timed round by round in rotating order on
 the same prompts with the same max_new_tokens, in one process with OMP_NUM_THREADS=2:
-- static: llamapipe.stages.predict.StaticGreedyPredictor as the predict stage runs it
-  (paddle.inference, oneDNN on, inplace_pass deleted);
-- static_no_onednn: the same exported graph with config.disable_mkldnn() (the investigation);
+- static: llamapipe.stages.predict.StaticGreedyPredictor as the predict stage runs it, with
+  config.yaml's predict settings (threads, onednn, ir_optim, new_executor, ...);
+- static_shipped: the predict stage before issue 12: the whole-loop graph (export.graph: loop,
+  exported here from the same merged model) under Config defaults (oneDNN on, inplace_pass
+  deleted, --threads CPU math threads);
+- any named --variants '{"name": {predict settings}}': the same graph under other settings
+  (the settings sweep behind bench/RESULTS.md), each checked for the same tokens;
 - dygraph: the merged model's generate(decode_strategy="greedy_search"), KV cache on;
 - upstream (with --upstream-inference DIR and LLAMAPIPE_PADDLENLP_SRC): PaddleNLP's own
   llm/predict/predictor.py StaticGraphPredictor (create_predictor, --mode static, greedy) on the
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import _common as C
 
-MODES = ("static", "static_no_onednn", "dygraph", "upstream")
+MODES = ("static", "static_shipped", "dygraph", "upstream")
 
 
 def trimmed(ids, eos: int) -> list:
@@ -71,18 +75,20 @@ def worker(a) -> dict:
     from llamapipe.stages.predict import StaticGreedyPredictor, read_records
     from llamapipe.tokenizer_io import left_padded_batch
 
-    static = StaticGreedyPredictor(a.inference, threads=a.threads)
+    settings = json.loads(a.settings)
+    static = StaticGreedyPredictor(a.inference, threads=a.threads, settings=settings)
     export = static.export
     eos, src_length = export["eos_token_id"], export["src_length"]
-    no_onednn = StaticGreedyPredictor(a.inference, threads=a.threads)
-    prefix = str(Path(a.inference) / export["model_prefix"])
-    config = inference.Config(prefix + ".json", prefix + ".pdiparams")
+    shipped = StaticGreedyPredictor(a.shipped_inference, threads=a.threads, settings=settings)
+    prefix = str(Path(a.shipped_inference) / shipped.export["model_prefix"])
+    config = inference.Config(prefix + ".json", prefix + ".pdiparams")  # predict.py before issue 12
     config.disable_gpu()
     config.set_cpu_math_library_num_threads(a.threads)
     config.delete_pass("inplace_pass")
-    config.disable_mkldnn()
     config.disable_glog_info()
-    no_onednn.predictor = inference.create_predictor(config)
+    shipped.predictor = inference.create_predictor(config)
+    variants = {name: StaticGreedyPredictor(a.inference, threads=a.threads, settings={**settings, **v})
+                for name, v in json.loads(a.variants or "{}").items()}
     model = AutoModelForCausalLM.from_pretrained(a.merged, dtype=export["dtype"])
     model.eval()
     srcs = [r["src"] for r in read_records(a.dev)[: a.prompts]]
@@ -95,9 +101,11 @@ def worker(a) -> dict:
         return ids.numpy()
 
     fns = {"static": lambda b: static.generate_ids(b, a.max_new_tokens),
-           "static_no_onednn": lambda b: no_onednn.generate_ids(b, a.max_new_tokens),
+           "static_shipped": lambda b: shipped.generate_ids(b, a.max_new_tokens),
            "dygraph": dygraph}
-    modes = [m for m in MODES if m in a.modes.split(",")]
+    for name, p in variants.items():
+        fns[name] = lambda b, p=p: p.generate_ids(b, a.max_new_tokens)
+    modes = [m for m in MODES if m in a.modes.split(",")] + list(variants)
     batches = [int(b) for b in a.batches.split(",")]
     if "upstream" in modes:
         ups = upstream_predictors(a, batches, src_length)
@@ -136,7 +144,8 @@ def worker_main(argv: list[str]) -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
-    for flag in ("--inference", "--merged", "--dev", "--result", "--modes", "--batches", "--upstream-inference"):
+    for flag in ("--inference", "--merged", "--dev", "--result", "--modes", "--batches", "--upstream-inference",
+                 "--settings", "--variants", "--shipped-inference"):
         ap.add_argument(flag)
     for flag in ("--prompts", "--max-new-tokens", "--runs", "--threads"):
         ap.add_argument(flag, type=int)
@@ -150,7 +159,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: config.yaml predict.max_new_tokens")
     ap.add_argument("--sft-steps", type=int, default=None, help="default: config.yaml sft.max_steps")
-    ap.add_argument("--modes", default="static,static_no_onednn,dygraph")
+    ap.add_argument("--modes", default="static,static_shipped,dygraph")
+    ap.add_argument("--variants", help='more static contenders: JSON {"name": {predict settings}}')
+    ap.add_argument("--model", help="JSON over config.yaml's model section for a fresh run, e.g. "
+                    '\'{"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 688}\'')
     ap.add_argument("--upstream-inference", help="upstream export_model.py's output (a rehearsal's results/inference)")
     ap.add_argument("--batches", default="1,8")
     args = ap.parse_args(argv)
@@ -161,21 +173,31 @@ def main(argv=None) -> dict:
         runs, prompts = args.runs, args.prompts
         max_new = args.max_new_tokens or cfg["predict"]["max_new_tokens"]
         sft_steps = args.sft_steps or cfg["sft"]["max_steps"]
-    result: dict = {"machine": C.machine(), "quick": args.quick, "threads": args.threads, "model": cfg["model"]}
+    model = {**cfg["model"], **json.loads(args.model or "{}")}
+    result: dict = {"machine": C.machine(), "quick": args.quick, "threads": args.threads, "model": model,
+                    "predict_settings": {k: cfg["predict"].get(k) for k in cfg["predict"]},
+                    "variants": json.loads(args.variants or "{}")}
     with C.workdir(args.keep, "bench-infer-") as tmp:
         work = Path(tmp)
         if args.results:
             r = Path(args.results).resolve()
-            paths = {"merged": r / "merged", "inference": r / "inference", "dev": r / "data/dev.json"}
+            paths = {"merged": r / "merged", "inference": work / "inference", "dev": r / "data/dev.json"}
             result["model_from"] = str(r)
+            (work / "logs").mkdir(exist_ok=True)  # the merged model exported as config.yaml's export says
+            C.llamapipe("export", C.stage_params(cfg)["export"], "--merged", paths["merged"], "--out",
+                        paths["inference"], log=work / "logs/export.log")
         else:
-            paths = C.build_workspace(work, threads=args.threads, until="export", sft_steps=sft_steps)
+            paths = C.build_workspace(work, threads=args.threads, until="export", sft_steps=sft_steps, model=model)
             result["model_from"] = f"fresh run, sft {sft_steps} steps"
-        (work / "logs").mkdir(exist_ok=True)
+        shipped = work / "inference_loop"  # the whole-loop graph export wrote before issue 12
+        C.llamapipe("export", {**C.stage_params(cfg)["export"], "graph": "loop"}, "--merged", paths["merged"],
+                    "--out", shipped, log=work / "logs/export_loop.log")
         raw = C.run_worker(Path(__file__).resolve(), [
             "--worker", "--inference", str(paths["inference"]), "--merged", str(paths["merged"]),
             "--dev", str(paths["dev"]), "--prompts", str(prompts), "--max-new-tokens", str(max_new),
+            "--shipped-inference", str(shipped),
             "--runs", str(runs), "--threads", str(args.threads), "--modes", args.modes, "--batches", args.batches,
+            "--settings", json.dumps(cfg["predict"]), *(["--variants", args.variants] if args.variants else []),
             *(["--upstream-inference", str(Path(args.upstream_inference).resolve())] if args.upstream_inference else []),
         ], C.thread_env(args.threads), work / "logs/inference_worker.log")
     result.update({k: raw[k] for k in ("prompts", "max_new_tokens", "decode_steps_per_batch")})

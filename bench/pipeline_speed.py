@@ -10,6 +10,8 @@
 - reported: what each stage says it took (the CLI's "<stage> finished in Xs" log line: from just
   after the CLI starts, so it includes the Paddle import and model load but not interpreter start);
 - compute: the pure work the stages report themselves (sft train_seconds_this_run, predict seconds).
+--baseline DIR: another tree (e.g. `git archive HEAD` extracted), its runs alternating with this
+tree's round by round: before/after from the same machine state.
 Per stage: job seconds and peak RSS (`max_rss`, MiB) from the TSVs, medians over runs.
 Target: orchestration under 10 % of the run.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -49,29 +52,12 @@ def read_run(project: Path) -> dict:
     return {"stages": stages, "compute": compute}
 
 
-def main(argv=None) -> dict:
-    ap = C.parser(__doc__)
-    ap.add_argument("--cores", type=int, default=2)
-    args = ap.parse_args(argv)
-    runs = 1 if args.quick else args.runs
-    cmd = [C.PYTHON, "-m", "snakemake", "results/predictions.json", "--cores", str(args.cores)]
-    if args.quick:
-        cmd += ["--configfile", "quick.yaml"]
-    walls, per_run = [], []
-    with C.workdir(args.keep, "bench-pipeline-") as tmp:
-        for r in range(runs):
-            project = C.fresh_copy(Path(tmp))
-            (project / "quick.yaml").write_text(QUICK_OVERLAY)
-            walls.append(C.run_measured(cmd, cwd=project, log=Path(tmp) / f"snakemake-{r}.log")["seconds"])
-            per_run.append(read_run(project))
+def summarise(walls: list, per_run: list) -> dict:
     jobs = [sum(s["job_seconds"] for s in run["stages"].values()) for run in per_run]
     reported = [sum(s.get("reported_seconds", 0.0) for s in run["stages"].values()) for run in per_run]
     compute = [sum(run["compute"].values()) for run in per_run]
     names = sorted(per_run[-1]["stages"])
-    result = {
-        "machine": C.machine(),
-        "quick": args.quick,
-        "command": " ".join(cmd[2:]),
+    return {
         "pipeline_wall_seconds": C.summary(walls),
         "stage_jobs_seconds": C.summary(jobs),
         "stage_reported_seconds": C.summary(reported),
@@ -91,6 +77,42 @@ def main(argv=None) -> dict:
         },
         "compute_seconds_last_run": per_run[-1]["compute"],
     }
+
+
+def main(argv=None) -> dict:
+    ap = C.parser(__doc__)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--baseline", help="another project tree (e.g. `git archive HEAD` extracted): its runs "
+                    "alternate with this tree's, round by round, and are summarised apart (key `baseline`) "
+                    "with paired differences")
+    args = ap.parse_args(argv)
+    runs = 1 if args.quick else args.runs
+    cmd = [C.PYTHON, "-m", "snakemake", "results/predictions.json", "--cores", str(args.cores)]
+    if args.quick:
+        cmd += ["--configfile", "quick.yaml"]
+    trees = {"this": (C.ROOT, None)}
+    if args.baseline:  # its own src/ first on PYTHONPATH, so its stages run its code
+        base = Path(args.baseline).resolve()
+        trees["baseline"] = (base, {**os.environ, "PYTHONPATH": str(base / "src")})
+    walls: dict = {k: [] for k in trees}
+    per_run: dict = {k: [] for k in trees}
+    with C.workdir(args.keep, "bench-pipeline-") as tmp:
+        for r in range(runs):
+            for name in list(trees)[r % len(trees):] + list(trees)[: r % len(trees)]:
+                root, env = trees[name]
+                project = C.fresh_copy(Path(tmp), root)
+                (project / "quick.yaml").write_text(QUICK_OVERLAY)
+                walls[name].append(C.run_measured(cmd, cwd=project, env=env,
+                                                  log=Path(tmp) / f"snakemake-{name}-{r}.log")["seconds"])
+                per_run[name].append(read_run(project))
+    result = {"machine": C.machine(), "quick": args.quick, "command": " ".join(cmd[2:]),
+              **summarise(walls["this"], per_run["this"])}
+    if args.baseline:
+        result["baseline"] = {"tree": str(trees["baseline"][0]), **summarise(walls["baseline"], per_run["baseline"])}
+        result["paired_this_minus_baseline"] = {
+            "wall_seconds": C.summary([a - b for a, b in zip(walls["this"], walls["baseline"])]),
+            "wall_ratio": C.paired_ratio(walls["this"], walls["baseline"]),
+        }
     return C.emit(result, args.json_out)
 
 

@@ -7,11 +7,12 @@ Wall seconds and peak RSS (wait4's ru_maxrss) of child processes, run round by r
 order, OMP_NUM_THREADS=2:
 - python:        `python -c pass` (interpreter start)
 - cli:           `python -m llamapipe --help` (our CLI, no Paddle)
+- paddle_only:   `import paddle` (what predict and a full-fine-tune merge import since issue 12)
 - paddle_import: `import paddle, paddlenlp.transformers`
 - trainer_import: ... plus `paddlenlp.trainer` (what sft imports)
 - model_load:    paddle_import plus `AutoModelForCausalLM.from_pretrained(<default tiny base model>)`
-Every Paddle stage (init_model, sft, merge, export, predict; preflight imports the stack to report
-versions) pays about paddle_import (+ model load) once per process. bench/pipeline_speed.py has
+init_model, sft and export pay about paddle_import (+ model load) once per process, predict and
+merge (full fine-tune) paddle_only; preflight reads versions from package metadata (no import). bench/pipeline_speed.py has
 each stage's own wall time and peak RSS from a real run; run_all.py puts the two side by side.
 """
 
@@ -29,6 +30,7 @@ def commands(base: Path) -> dict[str, list[str]]:
     return {
         "python": [PY, "-c", "pass"],
         "cli": [PY, "-m", "llamapipe", "--help"],
+        "paddle_only": [PY, "-c", "import paddle"],
         "paddle_import": [PY, "-c", imp],
         "trainer_import": [PY, "-c", imp + ", paddlenlp.trainer"],
         "model_load": [PY, "-c", imp + f"; paddlenlp.transformers.AutoModelForCausalLM.from_pretrained({str(base)!r})"],
@@ -58,6 +60,7 @@ def main(argv=None) -> dict:
     med = {k: v["median"] for k, v in result["seconds"].items()}
     result["derived_seconds"] = {
         "paddle_import_over_python": round(med["paddle_import"] - med["python"], 3),
+        "paddlenlp_over_paddle_only": round(med["paddle_import"] - med["paddle_only"], 3),
         "trainer_import_over_paddle_import": round(med["trainer_import"] - med["paddle_import"], 3),
         "model_load_over_paddle_import": round(med["model_load"] - med["paddle_import"], 3),
     }

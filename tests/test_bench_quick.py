@@ -46,7 +46,7 @@ def test_pipeline_speed_quick(tmp_path):
 @pytest.mark.e2e
 def test_stage_costs_quick(tmp_path):
     r = run_quick("stage_costs", tmp_path)
-    assert set(r["seconds"]) == {"python", "cli", "paddle_import", "trainer_import", "model_load"}
+    assert set(r["seconds"]) == {"python", "cli", "paddle_only", "paddle_import", "trainer_import", "model_load"}
     assert all(is_summary(v) for v in r["seconds"].values())
     assert r["max_rss_mib"]["paddle_import"]["median"] > r["max_rss_mib"]["python"]["median"]
 
@@ -63,11 +63,19 @@ def test_sft_throughput_quick(tmp_path):
 
 
 @pytest.mark.e2e
+def test_sft_processes_quick(tmp_path):
+    r = run_quick("sft_processes", tmp_path)
+    assert set(r["tokens_per_second"]) == {"1_process", "2_process"}
+    assert all(is_summary(v) and v["median"] > 0 for v in r["tokens_per_second"].values())
+    assert is_summary(r["ratio_2_over_1"]["tokens_per_second"])
+
+
+@pytest.mark.e2e
 def test_inference_speed_quick(tmp_path):
     r = run_quick("inference_speed", tmp_path)
     assert set(r["results"]) == {"batch_1", "batch_8"}
     for entry in r["results"].values():
-        for mode in ("static", "static_no_onednn", "dygraph"):
+        for mode in ("static", "static_shipped", "dygraph"):
             assert entry[mode]["identical_tokens"] is True, mode  # same tokens as dygraph greedy
             assert entry[mode]["tokens"] > 0 and is_summary(entry[mode]["tokens_per_second"])
         assert is_summary(entry["static_speedup_over_dygraph"])
@@ -106,12 +114,14 @@ def test_run_all_table_renders_every_benchmark(tmp_path):
                            "ratios": {"stage_over_paddle_bare": s}},
         "inference_speed": {"results": {"batch_8": {"static": {"tokens_per_second": s, "identical_tokens": True},
                                                     "static_speedup_over_dygraph": s}}},
+        "sft_processes": {"tokens_per_second": {"1_process": s, "2_process": s},
+                          "ratio_2_over_1": {"tokens_per_second": s}},
         "prepare_data_scale": {"train_records": 10, "dev_records": 1, "input_mib": 0.1, "seconds": s,
                                "records_per_second": s},
         "dry_run": {"seconds": {"default": s, "npu": s}},
     }
     md = run_all.table(results)
     assert md.count("\n") > 15
-    for text in ("orchestration share", "bare Paddle loop", "batch 8, static / dygraph", "`snakemake -n`, npu DAG",
+    for text in ("orchestration share", "bare Paddle loop", "2 processes / 1 process", "batch 8, static / dygraph", "`snakemake -n`, npu DAG",
                  "sft: peak RSS", "not installed"):
         assert text in md

@@ -101,8 +101,21 @@ def test_trained_model_beats_the_untrained_one(finished_run, tmp_path):
         assert trained[key] > untrained[key] + 5, (key, trained, untrained)
 
 
-def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run):
-    """Guards the two upstream bugs (SOT to_static, inplace_pass + oneDNN): exact token equality."""
+@pytest.fixture(scope="module")
+def loop_graph(finished_run, tmp_path_factory):
+    """The same merged model exported as the whole decode loop (export.graph: loop)."""
+    out = tmp_path_factory.mktemp("loop") / "inference"
+    params = {"dtype": "float32", "src_length": 48, "max_new_tokens": 96, "graph": "loop"}
+    proc = subprocess.run([*CLI, "export", "--params", json.dumps(params), "--merged",
+                           str(finished_run / "results/merged"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("graph, onednn", [("step", False), ("step", True), ("loop", False), ("loop", True)])
+def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run, loop_graph, graph, onednn):
+    """Guards the two upstream bugs (SOT to_static, inplace_pass + oneDNN) and our step loop
+    (cache, mask, positions, pad after eos, early stop): exact token equality, both graphs."""
     import paddle
     from paddlenlp.transformers import AutoModelForCausalLM
 
@@ -112,7 +125,9 @@ def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run):
     r = finished_run / "results"
     srcs = [rec["src"] for rec in read_records(str(r / "data/dev.json"))[:6]]
     srcs[1] = srcs[1][:6]  # very different lengths: real left padding in the batch
-    predictor = StaticGreedyPredictor(str(r / "inference"), threads=2)
+    inference = r / "inference" if graph == "step" else loop_graph  # the pipeline exports the step graph
+    assert json.loads((inference / "export_config.json").read_text())["graph"] == graph
+    predictor = StaticGreedyPredictor(str(inference), threads=2, settings={"onednn": onednn})
     static_ids = predictor.generate_ids(srcs, 40)
 
     model = AutoModelForCausalLM.from_pretrained(str(r / "merged"))
@@ -122,6 +137,10 @@ def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run):
     dyn_ids, _ = model.generate(**feeds, max_new_tokens=40, decode_strategy="greedy_search",
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
     assert static_ids.tolist() == dyn_ids.numpy().tolist()
+    # cut at max_new_tokens before any row ends
+    short, _ = model.generate(**feeds, max_new_tokens=3, decode_strategy="greedy_search",
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert predictor.generate_ids(srcs, 3).tolist() == short.numpy().tolist()
 
 
 def test_provenance_and_stage_manifests(finished_run):

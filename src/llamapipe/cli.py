@@ -213,7 +213,10 @@ TOOLS: dict[str, Any] = {
                             [("--upstream", "predictor output"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
 }
 
-PADDLENLP_STAGES = {"init-model", "sft", "merge", "export", "predict"}
+# Stages that always import PaddleNLP (its logger is lowered before they do). Importing it costs
+# ~1.7 s and ~230 MiB over Paddle alone (bench/RESULTS.md): merge imports it only for LoRA or
+# tensor-parallel ranks, predict not at all (sentencepiece tokenizer, paddle.inference).
+PADDLENLP_STAGES = {"init-model", "sft", "export"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,63 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
     return tok
 
 
+class SentencePieceTokenizer:
+    """What predict needs of the saved LLaMA tokenizer, on ``sentencepiece`` alone.
+
+    Importing PaddleNLP for its ``LlamaTokenizer`` costs a stage ~1.7 s and ~230 MiB; that
+    tokenizer is a sentencepiece model plus special tokens, so this gives the same ids and text
+    for what predict does (``encode`` without special tokens, ``decode`` skipping them, with the
+    library's default clean-up of spaces before punctuation). A text that holds a special token's
+    string (which the library splits out before sentencepiece) goes to the library's tokenizer.
+    ``tests/test_tokenizer_io.py`` checks both against PaddleNLP's on the bundled data.
+    """
+
+    # PaddleNLP's decode(clean_up_tokenization_spaces=True): English tokenization artifacts
+    CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+    def __init__(self, path: str, padding_side: str = "left"):
+        import json
+        from pathlib import Path
+
+        import sentencepiece as spm
+
+        d = Path(path)
+        model = next((d / n for n in TOKENIZER_FILES if n.endswith(".model") and (d / n).is_file()), None)
+        if model is None:
+            raise FileNotFoundError(f"no sentencepiece model in {path}")
+        self.path = str(d)
+        self.sp = spm.SentencePieceProcessor(model_file=str(model))
+        specials = json.loads((d / "special_tokens_map.json").read_text(encoding="utf-8"))
+        self.special_tokens = {k: (v["content"] if isinstance(v, dict) else v) for k, v in specials.items()
+                               if k.endswith("_token") and v}
+        self.special_tokens.setdefault("pad_token", self.sp.id_to_piece(0))  # as load_tokenizer sets it
+        ids = {k: self.sp.piece_to_id(v) for k, v in self.special_tokens.items()}
+        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_token_id = ids["pad_token"]
+        self.special_ids = set(ids.values())
+        self.padding_side = padding_side
+        self._library = None
+
+    def library(self) -> Any:
+        if self._library is None:
+            self._library = load_tokenizer(self.path, padding_side=self.padding_side)
+        return self._library
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        if add_special_tokens or any(s in text for s in self.special_tokens.values()):
+            return self.library().encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": self.sp.encode(text)}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if not skip_special_tokens:
+            return self.library().decode(ids, skip_special_tokens=False)
+        text = self.sp.decode([i for i in ids if i not in self.special_ids])
+        for before, after in self.CLEAN_UP:
+            text = text.replace(before, after)
+        return text
+
+
 def flatten(text: Text) -> str:
     """PaddleNLP's format allows List(str) (multi-turn); we join turns for a single-turn model."""
     return "\n".join(text) if isinstance(text, list) else text

@@ -35,7 +35,8 @@ rule predict:
         bench_of("predict")
     conda:
         CONDA_ENV
-    threads: CFG["threads"]
+    # predict.threads: paddle.inference's CPU threads (measured default 1, bench/RESULTS.md)
+    threads: CFG["predict"]["threads"] or CFG["threads"]
     resources:
         npu=npu_cards("predict"),
     params:
@@ -47,7 +48,7 @@ rule predict:
             PATHS["dev"],
             "--out",
             PATHS["predictions"],
-            threads=CFG["threads"],
+            threads=CFG["predict"]["threads"] or CFG["threads"],
         ),
     shell:
         "{params.cmd} > {log} 2>&1"

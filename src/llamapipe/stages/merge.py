@@ -21,6 +21,9 @@ log = logging.getLogger("llamapipe.merge")
 
 
 def merge_lora(base_dir: str, lora_dir: str) -> dict[str, Any]:
+    from llamapipe.paddle_env import quiet_paddlenlp
+
+    quiet_paddlenlp()  # the CLI leaves PaddleNLP unimported for merge: a full fine-tune needs only Paddle
     from paddlenlp.peft import LoRAModel
     from paddlenlp.transformers import AutoModelForCausalLM
 

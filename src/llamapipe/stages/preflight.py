@@ -1,6 +1,7 @@
 """preflight: check the host before any heavy job and record what was found.
 
-cpu: Python and the Paddle stack (versions as imported), cores, memory, free disk.
+cpu: Python and the Paddle stack (installed versions, read without importing it), cores, memory,
+free disk.
 npu: the host checks of ``llamapipe.ascend_checks`` (chip, device nodes, driver against the
 pairing table, npu-smi and idle cards, shared memory, the model's source), the container engine,
 free disk. Everything missing is listed at once, and the log shows one line per check, before an
@@ -24,20 +25,33 @@ from llamapipe.errors import PipelineError
 
 log = logging.getLogger("llamapipe.preflight")
 
-STACK = ("paddle", "paddlenlp", "sentencepiece", "numpy")
+# module -> distribution: what the cpu stages import, and the pip package that installs it
+STACK = {"paddle": "paddlepaddle", "paddlenlp": "paddlenlp", "sentencepiece": "sentencepiece", "numpy": "numpy"}
 ASCEND_910_PCI_DEVICE = "d802"  # the guide: `lspci | grep d802`
 
 
 def package_versions(names=STACK) -> dict[str, Any]:
-    import importlib
+    """Installed version of each module's distribution, without importing the stack.
+
+    Importing Paddle + PaddleNLP only to prove they import cost this stage ~3 s and ~500 MiB
+    (bench/RESULTS.md); the package metadata and the module's location (``find_spec`` of a
+    top-level name runs none of its code) say whether it is installed. The first stage that
+    computes (init_model) imports it for real.
+    """
+    import importlib.util
+    from importlib import metadata
 
     found: dict[str, Any] = {}
-    for name in names:
+    for module, dist in names.items():
         try:
-            found[name] = getattr(importlib.import_module(name), "__version__", "unknown")
-        except Exception as exc:  # report every missing piece, not just the first
-            found[name] = None
-            log.error("cannot import %s: %s", name, exc)
+            spec = importlib.util.find_spec(module)
+            found[module] = metadata.version(dist) if spec is not None else None
+        except (metadata.PackageNotFoundError, ImportError, ValueError) as exc:
+            found[module] = None
+            log.error("%s (%s) is not installed: %s", module, dist, exc)
+        else:
+            if found[module] is None:
+                log.error("%s (%s) is not installed: no module %s", module, dist, module)
     return found
 
 
@@ -194,7 +208,8 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
         problems += [problem] if problem else []
     else:
         report["versions"] = package_versions()
-        problems += [f"Python package {k} does not import" for k, v in report["versions"].items() if v is None]
+        problems += [f"Python package {k} ({STACK[k]}) is not installed" for k, v in report["versions"].items()
+                     if v is None]
     for key, value in report.items():
         if key != "npu_smi":  # its parsed table: in preflight.json
             log.info("%s: %s", key, value)
