@@ -124,7 +124,7 @@ def _npu_script(cfg: dict, lines: list[str], atb: bool = False) -> list[str]:
 def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: list[str],
                   threads: int = 1) -> str:
     """``argv`` is the stage's own CLI call (``llamapipe <stage> ...``); wrap it for the target."""
-    if stage == "sft" and cfg["target"] == "npu" and _srun_nodes(launch.npu_layout(cfg)):
+    if stage == "sft" and cfg["target"] == "npu" and launch.by_srun(launch.npu_layout(cfg)):
         return _npu_sft_srun(cfg, paths, os.path.abspath(project_dir), threads)
     if stage == "sft" and cfg["target"] != "npu" and launch.launched(cfg):
         return _cpu_launched_sft(cfg, paths, project_dir, argv, threads)
@@ -138,10 +138,6 @@ def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: li
     return shlex.join(argv)
 
 
-def _srun_nodes(layout: launch.Layout) -> bool:
-    return launch.by_srun(layout)
-
-
 def _cpu_launched_sft(cfg: dict, paths: dict, project_dir: str, argv: list[str], threads: int) -> str:
     """sft.processes > 1, sft.nodes > 1 or srun: our sft stage under paddle.distributed.launch, data
     parallel, through the launcher builder the npu target uses; the rule's threads shared out."""
@@ -152,7 +148,7 @@ def _cpu_launched_sft(cfg: dict, paths: dict, project_dir: str, argv: list[str],
     # ambiguous prefix of its --trainers/--trainer_num ("ambiguous option")
     entry = ["--", os.path.join(package_src_dir(), CLI_SCRIPT), *inner]
     run = launch.node_command(layout, launch.launch_argv(layout, entry, paths["sft_launch_logs"]))
-    if _srun_nodes(layout):
+    if launch.by_srun(layout):
         per_node = (_containerized("sft", cfg, project_dir, run, threads, SRUN_TASK_ENV)
                     if cfg["runtime"] == "container" else shlex.join(run))
         return shlex.join(launch.srun_script(layout, per_node, after=[]))
@@ -208,7 +204,7 @@ def _npu_sft(cfg: dict, paths: dict, project: str, argv: list[str]) -> list[str]
     launch_logs = _abs(project, paths["sft_launch_logs"])
     layout = launch.npu_layout(cfg)
     argv_launch = upstream_npu.launch_argv(cfg, script, launch_logs) + args
-    if _srun_nodes(layout):  # the per-node step of _npu_sft_srun: srun starts it on every node
+    if launch.by_srun(layout):  # the per-node step of _npu_sft_srun: srun starts it on every node
         return _npu_script(cfg, [*_training_env(cfg), launch.shell_line(argv_launch)])
     run = launch.node_command(layout, argv_launch)
     return _npu_script(cfg, [*_training_env(cfg), shlex.join(run), shlex.join(_collect_sft(cfg, paths, project))])

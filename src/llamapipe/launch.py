@@ -19,7 +19,6 @@ import re
 import shlex
 from dataclasses import dataclass
 
-NODE_LAUNCHERS = ("local", "srun")
 NODE_ID = "@NODE@"  # in argv for local_nodes, which puts each node's index there (no braces: Snakemake formats params)
 SRUN_MASTER_PORT = 36677  # srun without a configured master: <first node>:this
 # What the node running the job step calls its own address: what the launcher compares --master

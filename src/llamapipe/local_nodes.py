@@ -20,7 +20,8 @@ import sys
 import threading
 import time
 
-NODE_ID = "@NODE@"
+from llamapipe.launch import NODE_ID
+
 STOP_GRACE_S = 20  # after SIGTERM, before SIGKILL: the launcher stops its workers in that time
 
 
