@@ -113,7 +113,7 @@ def test_predict_and_full_merge_stages_import_no_paddlenlp(tokenizer_dir, tmp_pa
 
     from llamapipe.cli import PADDLENLP_STAGES
 
-    assert PADDLENLP_STAGES == {"init-model", "sft", "export"}
+    assert set(PADDLENLP_STAGES) == {"init-model", "sft", "export"}
     sft = tmp_path / "sft"
     sft.mkdir()
     (sft / "config.json").write_text(json.dumps({"hidden_size": 4}))
@@ -129,3 +129,43 @@ def test_predict_and_full_merge_stages_import_no_paddlenlp(tokenizer_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
     assert (tmp_path / "merged/model_state.pdparams").exists()
+
+
+def test_a_paddle_stage_skips_only_the_teardown_exit_handlers_and_streams_still_finish(tmp_path):
+    """cli._exit_after_paddle: exit code 0, the exit handlers ran, unflushed output reached the pipe."""
+    probe = tmp_path / "handler_ran"
+    code = ("import atexit, sys, paddle\n"
+            f"atexit.register(lambda: open({str(probe)!r}, 'w').write('ran'))\n"
+            "from llamapipe.cli import _exit_after_paddle\n"
+            "print('no newline, not flushed', end='')\n"
+            "sys.stderr.write('err')\n"
+            "_exit_after_paddle()\n"
+            "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "no newline, not flushed"
+    assert proc.stderr.endswith("err")
+    assert probe.read_text() == "ran"
+
+
+def test_only_the_process_entry_exits_early(tmp_path):
+    """main(argv) called in-process returns (tests, tools); `python -m llamapipe` exits early after
+    Paddle and still writes its manifest and its 'finished' line first."""
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    import numpy as np
+    import paddle
+
+    paddle.save({"w": paddle.to_tensor(np.ones((2, 2), "float32"))}, str(sft / "model_state.pdparams"))
+    args = ["merge", "--params", '{"dtype": "float32"}', "--sft", str(sft), "--base", str(sft),
+            "--manifest", str(tmp_path / "manifest.json")]
+    from llamapipe.cli import main
+
+    main(args + ["--out", str(tmp_path / "in_process")])  # returns: pytest is still here
+    assert (tmp_path / "in_process/model_state.pdparams").exists()
+    proc = subprocess.run([sys.executable, "-m", "llamapipe", *args, "--out", str(tmp_path / "as_process")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "merge finished in" in proc.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text())["stage"] == "merge"

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from llamapipe.errors import PipelineError
 from llamapipe.logs import configure_logging
+from llamapipe.paddlenlp_import import TRANSFORMERS, import_parts
 
 
 def _params(text: str) -> dict[str, Any]:
@@ -213,10 +214,11 @@ TOOLS: dict[str, Any] = {
                             [("--upstream", "predictor output"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
 }
 
-# Stages that always import PaddleNLP (its logger is lowered before they do). Importing it costs
-# ~1.7 s and ~230 MiB over Paddle alone (bench/RESULTS.md): merge imports it only for LoRA or
-# tensor-parallel ranks, predict not at all (sentencepiece tokenizer, paddle.inference).
-PADDLENLP_STAGES = {"init-model", "sft", "export"}
+# Stages that always import PaddleNLP, and which of its parts (None: the whole package, which sft's
+# Trainer and peft need). Its logger is lowered before they run. The whole package costs ~3 s
+# and ~230 MiB over Paddle alone, its transformers part ~0.7 s (bench/RESULTS.md). merge imports
+# it only for LoRA or tensor-parallel ranks, predict not at all (sentencepiece, paddle.inference).
+PADDLENLP_STAGES = {"init-model": TRANSFORMERS, "sft": None, "export": TRANSFORMERS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one stage or tool. As the process's own entry (``argv`` None) a stage that imported
+    Paddle ends without the interpreter's teardown (``_exit_after_paddle``)."""
     started = time.time()  # stage time includes process start-up work (imports): it is real cost
     args = build_parser().parse_args(argv)
     configure_logging()
@@ -255,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prepare(args.threads)
     if args.stage in PADDLENLP_STAGES:
+        import_parts(PADDLENLP_STAGES[args.stage])
         quiet_paddlenlp()
     log = logging.getLogger("llamapipe")
     handler: Callable[[argparse.Namespace], Any] = args.handler
@@ -271,6 +276,20 @@ def main(argv: list[str] | None = None) -> None:
         _write_manifest(args, started_at)
     log.info("%s finished in %.1fs: %s", args.stage, time.time() - started,
              json.dumps(result, ensure_ascii=False, default=str))
+    if argv is None and "paddle" in sys.modules:
+        _exit_after_paddle()
+
+
+def _exit_after_paddle() -> None:
+    """Exit 0 once the stage's outputs are on disk, skipping only the freeing of every module:
+    after Paddle that teardown takes ~0.3 s, after PaddleNLP ~1 s (bench/RESULTS.md). The exit
+    handlers still run (Paddle's own clean-up, logging's flush), then the streams are flushed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # Path flags that are neither inputs nor outputs of the stage (state and caches).

@@ -55,7 +55,7 @@ def train_sentencepiece(corpus: Path, prefix: Path, vocab_size: int, seed: int) 
 
     try:
         _train(vocab_size)
-        return vocab_size
+        fitted = vocab_size
     except RuntimeError as exc:
         found = re.search(r"<= (\d+)", str(exc))
         if "too high" not in str(exc) or not found:
@@ -63,7 +63,21 @@ def train_sentencepiece(corpus: Path, prefix: Path, vocab_size: int, seed: int) 
         fitted = int(found.group(1))
         log.warning("corpus supports at most %d pieces; vocab_size %d lowered to %d", fitted, vocab_size, fitted)
         _train(fitted)
-        return fitted
+    _drop_training_paths(prefix.with_suffix(".model"))
+    return fitted
+
+
+def _drop_training_paths(model_file: Path) -> None:
+    """The trained model records its corpus and output paths (a fresh temp dir each run): keep
+    only their names, so the same corpus gives a byte-identical tokenizer file every run."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    spec = proto.trainer_spec
+    spec.input[:] = [Path(p).name for p in spec.input]
+    spec.model_prefix = Path(spec.model_prefix).name
+    model_file.write_bytes(proto.SerializeToString())
 
 
 def write_base_pointer(model_name_or_path: str, out_dir: str) -> dict[str, Any]:
