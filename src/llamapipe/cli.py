@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         _write_manifest(args, started_at)
     log.info("%s finished in %.1fs: %s", args.stage, time.time() - started,
              json.dumps(result, ensure_ascii=False, default=str))
-    if argv is None and "paddle" in sys.modules:
+    # not under a profiler or debugger (python -m cProfile writes its stats after main returns)
+    if argv is None and "paddle" in sys.modules and sys.getprofile() is None and sys.gettrace() is None:
         _exit_after_paddle()
 
 
