@@ -50,6 +50,8 @@ def table(res: dict) -> str:
         for k, label in (("python", "`python -c pass`"), ("cli", "`llamapipe --help`"),
                          *((("paddle_only", "`import paddle`"),) if "paddle_only" in c["seconds"] else ()),
                          ("paddle_import", "`import paddle, paddlenlp.transformers`"),
+                         *((("transformers_part", "PaddleNLP's transformers part only (init_model, export)"),)
+                           if "transformers_part" in c["seconds"] else ()),
                          ("trainer_import", "... + `paddlenlp.trainer`"), ("model_load", "... + tiny model load")):
             rows.append((f"1 | fixed cost: {label}", fmt(c["seconds"][k], " s", 2) + f", {c['max_rss_mib'][k]['median']:.0f} MiB",
                          ""))

@@ -8,12 +8,15 @@ order, OMP_NUM_THREADS=2:
 - python:        `python -c pass` (interpreter start)
 - cli:           `python -m llamapipe --help` (our CLI, no Paddle)
 - paddle_only:   `import paddle` (what predict and a full-fine-tune merge import since issue 12)
-- paddle_import: `import paddle, paddlenlp.transformers`
+- paddle_import: `import paddle, paddlenlp.transformers` (the whole package, as sft imports it)
+- transformers_part: `llamapipe.paddlenlp_import.import_parts(TRANSFORMERS)`, what init_model
+  and export import since issue 12's second pass (no eager package ``__init__``)
 - trainer_import: ... plus `paddlenlp.trainer` (what sft imports)
 - model_load:    paddle_import plus `AutoModelForCausalLM.from_pretrained(<default tiny base model>)`
-init_model, sft and export pay about paddle_import (+ model load) once per process, predict and
-merge (full fine-tune) paddle_only; preflight reads versions from package metadata (no import). bench/pipeline_speed.py has
-each stage's own wall time and peak RSS from a real run; run_all.py puts the two side by side.
+sft pays about trainer_import (+ model load) once per process, init_model and export
+transformers_part, predict and merge (full fine-tune) paddle_only; preflight reads versions from
+package metadata (no import). bench/pipeline_speed.py has each stage's own wall time and peak RSS
+from a real run; run_all.py puts the two side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def commands(base: Path) -> dict[str, list[str]]:
         "cli": [PY, "-m", "llamapipe", "--help"],
         "paddle_only": [PY, "-c", "import paddle"],
         "paddle_import": [PY, "-c", imp],
+        "transformers_part": [PY, "-c", "from llamapipe.paddlenlp_import import TRANSFORMERS, import_parts; "
+                              "import_parts(TRANSFORMERS)"],
         "trainer_import": [PY, "-c", imp + ", paddlenlp.trainer"],
         "model_load": [PY, "-c", imp + f"; paddlenlp.transformers.AutoModelForCausalLM.from_pretrained({str(base)!r})"],
     }
@@ -61,6 +66,7 @@ def main(argv=None) -> dict:
     result["derived_seconds"] = {
         "paddle_import_over_python": round(med["paddle_import"] - med["python"], 3),
         "paddlenlp_over_paddle_only": round(med["paddle_import"] - med["paddle_only"], 3),
+        "transformers_part_over_paddle_only": round(med["transformers_part"] - med["paddle_only"], 3),
         "trainer_import_over_paddle_import": round(med["trainer_import"] - med["paddle_import"], 3),
         "model_load_over_paddle_import": round(med["model_load"] - med["paddle_import"], 3),
     }
