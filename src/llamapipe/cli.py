@@ -215,8 +215,8 @@ TOOLS: dict[str, Any] = {
 }
 
 # Stages that always import PaddleNLP, and which of its parts (None: the whole package, which sft's
-# Trainer and peft need). Its logger is lowered before they run. The whole package costs ~3 s
-# and ~230 MiB over Paddle alone, its transformers part ~0.7 s (bench/RESULTS.md). merge imports
+# Trainer and peft need). Its logger is lowered before they run. The whole package costs ~3.6 s
+# and ~230 MiB over Paddle alone, its transformers part ~0.8 s (bench/RESULTS.md). merge imports
 # it only for LoRA or tensor-parallel ranks, predict not at all (sentencepiece, paddle.inference).
 PADDLENLP_STAGES = {"init-model": TRANSFORMERS, "sft": None, "export": TRANSFORMERS}
 

@@ -3,7 +3,7 @@
 PaddleNLP 3.0's ``paddlenlp/__init__.py`` imports every subpackage at once: taskflow (which
 pulls seqeval -> scikit-learn -> scipy.stats), server (fastapi), dataaug, datasets (Hugging Face
 datasets, pyarrow) and more. init-model and export use ``paddlenlp.transformers`` alone, and the
-rest is ~2 s of every such process (bench/RESULTS.md, issue 12).
+rest is ~2.8 s of every such process (bench/RESULTS.md, issue 12).
 
 ``import_parts`` registers the package module from its own spec without running its
 ``__init__``: every submodule still imports on first use through the package's ``__path__``.
@@ -21,9 +21,6 @@ PaddleNLP other than the installed distribution (a checkout on ``PYTHONPATH``).
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -35,17 +32,17 @@ TRANSFORMERS = ("data", "transformers")
 
 def import_parts(parts: Sequence[str] | None) -> None:
     """Import ``paddlenlp.<part>`` for each part, in order; ``None`` imports the whole package."""
-    if parts is None or os.environ.get(FULL_IMPORT_ENV) == "1" or "paddlenlp" in sys.modules:
-        importlib.import_module("paddlenlp")
+    import importlib.util
+
+    whole = parts is None or os.environ.get(FULL_IMPORT_ENV) == "1" or "paddlenlp" in sys.modules
+    spec = None if whole else importlib.util.find_spec("paddlenlp")
+    if spec is None or not _is_the_installed_distribution(spec.origin):  # e.g. a checkout on PYTHONPATH
+        importlib.import_module("paddlenlp")  # the usual way (ModuleNotFoundError if it is missing)
         for part in parts or ():
             importlib.import_module(f"paddlenlp.{part}")
         return
-    spec = importlib.util.find_spec("paddlenlp")
-    if spec is None or spec.loader is None:
-        raise ImportError("PaddleNLP is not installed (no module named 'paddlenlp')")
-    if not _is_the_installed_distribution(spec.origin):  # e.g. a checkout on PYTHONPATH: its own way
-        import_parts(None)
-        return
+    import importlib.metadata
+
     import paddle
 
     package = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
@@ -65,6 +62,8 @@ def import_parts(parts: Sequence[str] | None) -> None:
 def _is_the_installed_distribution(origin: str | None) -> bool:
     """Only the installed, pinned PaddleNLP is the one whose ``__init__`` the test pins (and whose
     version metadata is the package's ``__version__``)."""
+    import importlib.metadata  # here, not at module level: it is half of the CLI's own import time
+
     try:
         installed = importlib.metadata.distribution("paddlenlp").locate_file("paddlenlp/__init__.py")
     except importlib.metadata.PackageNotFoundError:

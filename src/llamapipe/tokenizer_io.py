@@ -27,12 +27,12 @@ def load_tokenizer(path: str, padding_side: str = "right") -> Any:
 class SentencePieceTokenizer:
     """What predict needs of the saved LLaMA tokenizer, on ``sentencepiece`` alone.
 
-    Importing PaddleNLP for its ``LlamaTokenizer`` costs a stage ~1.7 s and ~230 MiB; that
+    Importing PaddleNLP for its ``LlamaTokenizer`` costs a stage ~3.6 s and ~230 MiB; that
     tokenizer is a sentencepiece model plus special tokens, so this gives the same ids and text
     for what predict does (``encode`` without special tokens, ``decode`` skipping them, with the
     library's default clean-up of spaces before punctuation). A text that holds a special token's
     string (which the library splits out before sentencepiece) goes to the library's tokenizer.
-    ``tests/test_tokenizer_io.py`` checks both against PaddleNLP's on the bundled data.
+    ``tests/test_predict_fast_path.py`` checks both against PaddleNLP's on the bundled data.
     """
 
     # PaddleNLP's decode(clean_up_tokenization_spaces=True): English tokenization artifacts
