@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llamapipe.commands import container_spec  # noqa: E402
 from llamapipe.config import load  # noqa: E402
+from llamapipe.runners.commands import container_spec  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: str) -> float:

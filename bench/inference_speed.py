@@ -19,7 +19,7 @@ the same prompts with the same max_new_tokens, in one process with OMP_NUM_THREA
 - upstream (with --upstream-inference DIR and LLAMAPIPE_PADDLENLP_SRC): PaddleNLP's own
   llm/predict/predictor.py StaticGraphPredictor (create_predictor, --mode static, greedy) on the
   graph upstream's export_model.py wrote (a rehearsal's results/inference), as the rehearsal
-  runs it (llamapipe.cpu_shims: inplace_pass deleted). Same prompts, src_length, max new tokens.
+  runs it (llamapipe.npu.cpu_shims: inplace_pass deleted). Same prompts, src_length, max new tokens.
 Generated tokens are counted per row up to and including eos; every contender's tokens are
 checked against dygraph's (identical_tokens).
 
@@ -55,7 +55,7 @@ def upstream_predictors(a, batches: list, src_length: int) -> dict:
 
     src = os.environ["LLAMAPIPE_PADDLENLP_SRC"]
     sys.path[:0] = [src, f"{src}/llm", f"{src}/llm/devices"]
-    from llamapipe.cpu_shims import predictor_without_inplace_pass
+    from llamapipe.npu.cpu_shims import predictor_without_inplace_pass
 
     predictor_without_inplace_pass()
     from llm.predict.predictor import ModelArgument, PredictorArgument, create_predictor
@@ -72,8 +72,8 @@ def worker(a) -> dict:
     from paddle import inference
     from paddlenlp.transformers import AutoModelForCausalLM
 
+    from llamapipe.core.tokenizer_io import left_padded_batch
     from llamapipe.stages.predict import StaticGreedyPredictor, read_records
-    from llamapipe.tokenizer_io import left_padded_batch
 
     settings = json.loads(a.settings)
     static = StaticGreedyPredictor(a.inference, threads=a.threads, settings=settings)

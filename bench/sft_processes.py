@@ -6,7 +6,7 @@
 The same global batch both ways, as `sft.processes: 2` with half the per-process batch runs it:
 one process at batch 8 on the rule's threads, two processes at batch 4 with the threads shared out
 (one each on 2 threads). The two-process command is the one the sft rule runs, built by
-llamapipe.commands (the launcher builder the npu target uses). One round runs both back to back
+llamapipe.runners.commands (the launcher builder the npu target uses). One round runs both back to back
 (alternating which goes first); ratios are per round.
 
 - tokens_per_second: the stage's own train_summary.json (global tokens over the training loop).
@@ -32,8 +32,8 @@ def _sft_argv(params: dict, ws: dict, out: Path, ckpt: Path, threads: int) -> li
 
 
 def command(processes: int, params: dict, ws: dict, work: Path, tag: str, threads: int) -> list[str]:
-    """The sft rule's command for this many processes (llamapipe.commands.stage_command)."""
-    from llamapipe import commands
+    """The sft rule's command for this many processes (llamapipe.runners.commands.stage_command)."""
+    from llamapipe.runners import commands
 
     sft = {**params, "processes": processes, "per_device_train_batch_size": BATCH // processes}
     cfg = {"target": "cpu", "runtime": "local", "sft": sft}

@@ -4,7 +4,7 @@
     .venv/bin/python bench/sft_throughput.py --quick       # 1 round of 20 steps (the tests run this)
 
 Same tiny LLaMA (config.yaml `model:`), same tokenized examples (the bundled sample through
-download -> prepare_data -> init_model, encoded by llamapipe.tokenizer_io.encode_example), batch
+download -> prepare_data -> init_model, encoded by llamapipe.core.tokenizer_io.encode_example), batch
 8, AdamW with linear warm-up/decay and global-norm clipping 1.0 (what the Trainer does by default),
 the same number of steps, OMP_NUM_THREADS=2. Each contender runs in its own process; one round
 runs all three back to back (rotating the order), so their ratio is taken under the same load.
@@ -65,8 +65,8 @@ def tokens_per_step(examples: list[dict], batch: int) -> float:
 # ---------------------------------------------------------------- workers (child processes)
 
 def worker_encode(a) -> dict:
+    from llamapipe.core.tokenizer_io import load_tokenizer
     from llamapipe.stages.sft import load_examples
-    from llamapipe.tokenizer_io import load_tokenizer
 
     sft = json.loads(a.sft_params)
     examples = load_examples(a.train, load_tokenizer(a.base), sft["src_length"], sft["max_length"])

@@ -9,7 +9,7 @@ order, OMP_NUM_THREADS=2:
 - cli:           `python -m llamapipe --help` (our CLI, no Paddle)
 - paddle_only:   `import paddle` (what predict and a full-fine-tune merge import since issue 12)
 - paddle_import: `import paddle, paddlenlp.transformers` (the whole package, as sft imports it)
-- transformers_part: `llamapipe.paddlenlp_import.import_parts(TRANSFORMERS)`, what init_model
+- transformers_part: `llamapipe.core.paddlenlp_import.import_parts(TRANSFORMERS)`, what init_model
   and export import since issue 12's second pass (no eager package ``__init__``)
 - trainer_import: ... plus `paddlenlp.trainer` (what sft imports)
 - model_load:    paddle_import plus `AutoModelForCausalLM.from_pretrained(<default tiny base model>)`
@@ -35,7 +35,7 @@ def commands(base: Path) -> dict[str, list[str]]:
         "cli": [PY, "-m", "llamapipe", "--help"],
         "paddle_only": [PY, "-c", "import paddle"],
         "paddle_import": [PY, "-c", imp],
-        "transformers_part": [PY, "-c", "from llamapipe.paddlenlp_import import TRANSFORMERS, import_parts; "
+        "transformers_part": [PY, "-c", "from llamapipe.core.paddlenlp_import import TRANSFORMERS, import_parts; "
                               "import_parts(TRANSFORMERS)"],
         "trainer_import": [PY, "-c", imp + ", paddlenlp.trainer"],
         "model_load": [PY, "-c", imp + f"; paddlenlp.transformers.AutoModelForCausalLM.from_pretrained({str(base)!r})"],

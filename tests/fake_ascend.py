@@ -1,4 +1,4 @@
-"""A fake Ascend host (and image) in a temp tree, for llamapipe.ascend_checks: no NPU needed.
+"""A fake Ascend host (and image) in a temp tree, for llamapipe.npu.ascend_checks: no NPU needed.
 
 ``build(root, **changes)`` writes a healthy 8-card Ascend 910B host with the CANN 8.0.0 stack of
 config.yaml's pairing table; each keyword changes one thing (the injected failures of
@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llamapipe.ascend_checks import Host
+from llamapipe.npu.ascend_checks import Host
 
 BUS = ["0000:C1:00.0", "0000:C2:00.0", "0000:81:00.0", "0000:82:00.0", "0000:01:00.0", "0000:02:00.0",
        "0000:41:00.0", "0000:42:00.0"]

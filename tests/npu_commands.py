@@ -13,13 +13,13 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from llamapipe import commands
+from llamapipe.runners import commands
 
 UPSTREAM_SCRIPTS = ("run_finetune.py", "run_pretrain.py", "predict/export_model.py", "predict/predictor.py",
                     "tools/merge_lora_params.py")
 # the collective smoke test's per-rank script, as the launcher gets it (an absolute path)
 SMOKE_SCRIPT = os.path.join(commands.package_src_dir(), commands.SMOKE_SCRIPT)
-COLLECTIVE_CHECK = ["python", "-m", "llamapipe.collective_check"]
+COLLECTIVE_CHECK = ["python", "-m", "llamapipe.scaleout.collective_check"]
 
 
 @dataclass
@@ -71,7 +71,7 @@ def flags(argv: list[str]) -> dict[str, str | None]:
 
 
 def find_step(cmd: Command, script: str) -> list[str]:
-    """The step that runs an upstream script (``python [-m llamapipe.cpu_shims] SCRIPT ...``)."""
+    """The step that runs an upstream script (``python [-m llamapipe.npu.cpu_shims] SCRIPT ...``)."""
     found = [s for s in cmd.steps if script in s]
     assert len(found) == 1, f"{script}: {len(found)} steps in {cmd.steps}"
     return found[0]

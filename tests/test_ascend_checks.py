@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from fake_ascend import PAIRING, Spec, build, closed_port_url, fake_hub, npu_smi_info
-from llamapipe import ascend_checks as ac
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
+from llamapipe.npu import ascend_checks as ac
 
 ROOT = Path(__file__).resolve().parents[1]
 DCMI_8005 = "DrvMngGetConsoleLogLevel failed. (g_conLogLevel=3)\ndcmi module initialize failed. ret is -8005"
@@ -236,8 +236,8 @@ def test_npu_smi_is_looked_for_on_path_then_sbin_then_bin(tmp_path):
 
 
 def test_containers_mount_npu_smi_from_where_the_host_has_it(tmp_path, monkeypatch):
-    from llamapipe import commands
     from llamapipe.config import resolve
+    from llamapipe.runners import commands
     from test_npu_target import _cfg
 
     sbin = tmp_path / "sbin"
@@ -250,7 +250,7 @@ def test_containers_mount_npu_smi_from_where_the_host_has_it(tmp_path, monkeypat
 
 
 def test_the_module_runs_in_the_image_stdlib_only():
-    tree = ast.parse((ROOT / "src/llamapipe/ascend_checks.py").read_text())
+    tree = ast.parse((ROOT / "src/llamapipe/npu/ascend_checks.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported - set(sys.stdlib_module_names) <= {"llamapipe"}, imported
@@ -298,7 +298,7 @@ def test_llamapipe_preflight_lists_every_failure_and_exits_non_zero(tmp_path, hu
                 env={"DOCKER_HOST": closed_port_url().replace("http://", "tcp://")})
     assert proc.returncode == 2 and not out.exists()
     for line in ("driver: driver 23.0.1 is older than 23.0.3", "cards_idle: processes 4242 (python",
-                 "model: meta-llama/Llama-2-13b is a hub id and this host cannot reach", "engine: container engine"):
+                 "model: meta-llama/Llama-2-13b is a hub id and this host cannot reach", "engine: cannot reach the Docker engine"):
         assert line in proc.stderr, line
     assert "FAIL" in proc.stderr
 
@@ -328,8 +328,8 @@ def test_llamapipe_preflight_image_on_a_fake_image(tmp_path):
 @pytest.mark.parametrize("measured, fits", [(None, True), (64.0, True), (32.0, False)])
 def test_plan_uses_the_hbm_preflight_measured(tmp_path, measured, fits):
     from llamapipe.config import resolve
-    from llamapipe.parallel_config import plan_argv
-    from llamapipe.plan_cli import parse_plan_args, run_plan
+    from llamapipe.config.parallel import plan_argv
+    from llamapipe.scaleout.plan_cli import parse_plan_args, run_plan
     from test_npu_target import _cfg
 
     pre = tmp_path / "preflight.json"
@@ -346,8 +346,8 @@ def test_plan_uses_the_hbm_preflight_measured(tmp_path, measured, fits):
 
 def test_auto_layout_chosen_at_parse_time_must_fit_the_measured_hbm(tmp_path):
     from llamapipe.config import resolve
-    from llamapipe.parallel_config import plan_argv
-    from llamapipe.plan_cli import parse_plan_args, run_plan
+    from llamapipe.config.parallel import plan_argv
+    from llamapipe.scaleout.plan_cli import parse_plan_args, run_plan
     from test_npu_target import _cfg
 
     cfg = resolve(_cfg(model_name_or_path="meta-llama/Llama-2-7b", parallel="auto"))
@@ -367,8 +367,8 @@ def test_auto_layout_chosen_at_parse_time_must_fit_the_measured_hbm(tmp_path):
 
 
 def test_pairing_table_changes_with_the_image(tmp_path):
-    from llamapipe import config_rules
     from llamapipe.config import resolve
+    from llamapipe.config import rules as config_rules
     from test_npu_target import _cfg
 
     raw = _cfg()

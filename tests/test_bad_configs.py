@@ -1,5 +1,5 @@
 """Inconsistent configs stop the real command before any job: non-zero exit, the offending keys
-named, nothing under results/ (llamapipe.config_rules, called by config.resolve at parse time).
+named, nothing under results/ (llamapipe.config.rules, called by config.resolve at parse time).
 
 ``--configfile`` extends the Snakefile's config.yaml (Snakemake merges nested keys), so each bad
 config is only the keys it breaks.

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_LLAMA
-from llamapipe import checkpoint_io
-from llamapipe.errors import PipelineError
+from llamapipe.core import checkpoint_io
+from llamapipe.core.errors import PipelineError
 
 TINY = TINY_LLAMA
 
@@ -165,8 +165,8 @@ def test_fix_config_applies_guide_fields_and_keeps_shape(tiny):
 def test_missing_directory_and_missing_shard_are_named(tmp_path):
     import json
 
-    from llamapipe.checkpoint_io import load_state_dict
-    from llamapipe.errors import PipelineError
+    from llamapipe.core.checkpoint_io import load_state_dict
+    from llamapipe.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="does not exist"):
         load_state_dict(str(tmp_path / "nope"))

@@ -15,7 +15,7 @@ def _run(*cmd):
 
 
 def test_package_is_python39_compatible():
-    # the whole package: stage code, and llamapipe.ascend_checks (rule preflight_image runs it in the
+    # the whole package: stage code, and llamapipe.npu.ascend_checks (rule preflight_image runs it in the
     # image; test_ascend_checks.py checks it imports only the stdlib)
     proc = _run(str(BIN / "vermin"), "-t=3.9-", "--no-tips", "--violations", "--eval-annotations",
                 "--backport", "dataclasses", "src/llamapipe")

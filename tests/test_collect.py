@@ -9,8 +9,8 @@ import os
 import pytest
 
 from ci_policy import unavailable
-from llamapipe import commands
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
+from llamapipe.runners import commands
 from llamapipe.stages import collect
 
 WORKER_LOG = """\

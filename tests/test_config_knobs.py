@@ -12,8 +12,10 @@ import os
 import pytest
 
 from conftest import ROOT
-from llamapipe import commands, upstream_npu
 from llamapipe.config import load
+from llamapipe.npu import scripts, upstream_args
+from llamapipe.runners import commands
+from llamapipe.scaleout import launch
 
 PATHS = {"data": "results/data", "sft": "results/sft", "sft_checkpoints": "results/checkpoints/sft",
          "sft_launch_logs": "results/logs/sft_launch", "base_model": "results/model/base",
@@ -63,7 +65,7 @@ def _opts(argv: list[str]) -> dict:
 ])
 def test_npu_sft_knobs_reach_run_finetune(tmp_path, key, value, flag, expected):
     cfg = _cfg(tmp_path, target="npu", npu={"sft": {key: value, "lora": key == "lora_rank"}})
-    args = _opts(upstream_npu.finetune_args(cfg, "m", "d", "o"))
+    args = _opts(upstream_args.finetune_args(cfg, "m", "d", "o"))
     assert args[flag] == expected
 
 
@@ -71,8 +73,8 @@ def test_seed_reaches_every_training_entry_point(tmp_path):
     from llamapipe.stages.sft import training_arguments
 
     cfg = _cfg(tmp_path, target="npu", seed=7)
-    assert _opts(upstream_npu.finetune_args(cfg, "m", "d", "o"))["--seed"] == "7"
-    assert _opts(upstream_npu.pretrain_args(cfg, "m", "i", "o", "c"))["--seed"] == "7"
+    assert _opts(upstream_args.finetune_args(cfg, "m", "d", "o"))["--seed"] == "7"
+    assert _opts(upstream_args.pretrain_args(cfg, "m", "i", "o", "c"))["--seed"] == "7"
     assert training_arguments(cfg["sft"], "ckpt", seed=7)["seed"] == 7
 
 
@@ -112,7 +114,7 @@ def test_npu_container_knobs_reach_the_npu_container_spec(tmp_path, key, value, 
 
 
 def test_threads_reach_the_stage_process(tmp_path, monkeypatch):
-    from llamapipe.paddle_env import prepare
+    from llamapipe.core.paddle_env import prepare
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
@@ -124,7 +126,7 @@ def test_threads_reach_the_stage_process(tmp_path, monkeypatch):
 
 def test_model_shape_reaches_the_base_model_config(tmp_path):
     """init_model builds the configured shape (and merge keeps it: the guide's fix-up only adds)."""
-    from llamapipe.checkpoint_io import fix_config
+    from llamapipe.core.checkpoint_io import fix_config
     from llamapipe.stages import init_model
 
     train = tmp_path / "train.json"
@@ -154,7 +156,7 @@ def test_npu_base_model_is_named_not_built(tmp_path):
                                                ("float32", "false", "false")])
 def test_dtype_picks_exactly_one_amp_flag_on_both_training_scripts(tmp_path, dtype, bf16, fp16):
     cfg = _cfg(tmp_path, target="npu", npu={"sft": {"dtype": dtype}})
-    for args in (upstream_npu.finetune_args(cfg, "m", "d", "o"), upstream_npu.pretrain_args(cfg, "m", "i", "o", "c")):
+    for args in (upstream_args.finetune_args(cfg, "m", "d", "o"), upstream_args.pretrain_args(cfg, "m", "i", "o", "c")):
         opts = _opts(args)
         assert (opts["--bf16"], opts["--fp16"]) == (bf16, fp16)
 
@@ -163,9 +165,9 @@ def test_launcher_follows_the_device_whatever_string_object_carries_it(tmp_path)
     """`npu.device: cpu` from any YAML (not the interned literal the rehearsal sets) picks the
     CPU launcher form; npu keeps the card list."""
     cfg = _cfg(tmp_path, target="npu")
-    assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--devices", "0,1,2,3,4,5,6,7"]
+    assert launch.launch_argv(launch.npu_layout(cfg), ["s.py"], "logs")[4:6] == ["--devices", "0,1,2,3,4,5,6,7"]
     cfg["npu"]["device"] = "".join(["c", "pu"])
-    assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--nproc_per_node", "8"]
+    assert launch.launch_argv(launch.npu_layout(cfg), ["s.py"], "logs")[4:6] == ["--nproc_per_node", "8"]
 
 
 def test_smoke_knobs_reach_the_collective_check(tmp_path):
@@ -174,8 +176,8 @@ def test_smoke_knobs_reach_the_collective_check(tmp_path):
     paths = {**PATHS, "smoke_collective": "results/smoke_collective.json",
              "smoke_launch_logs": "results/logs/smoke_collective_launch"}
     cfg = _cfg(tmp_path, target="npu", npu={"smoke_timeout_s": 42, "device": "cpu", "smoke_devices": "0,1,2"})
-    step = commands._npu_smoke_collective(cfg, paths, "/p")[-1].split("; ")[-1].split()
-    check, launch = step[:step.index("--")], step[step.index("--") + 1:]
+    step = scripts.smoke_collective_script(cfg, paths, "/p", launch.npu_layout(cfg))[-1].split("; ")[-1].split()
+    check, launcher = step[:step.index("--")], step[step.index("--") + 1:]
     assert (_opts(check[3:])["--timeout"], _opts(check[3:])["--cards"]) == ("42", "0,1,2")
-    assert _opts(launch[4:-3])["--nproc_per_node"] == "3"
-    assert upstream_npu.launch_argv(cfg, "s.py", "logs")[4:6] == ["--nproc_per_node", "8"]  # sft's
+    assert _opts(launcher[4:-3])["--nproc_per_node"] == "3"
+    assert launch.launch_argv(launch.npu_layout(cfg), ["s.py"], "logs")[4:6] == ["--nproc_per_node", "8"]  # sft's

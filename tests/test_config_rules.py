@@ -1,4 +1,4 @@
-"""Cross-field config rules (llamapipe.config_rules): each holds on a good config, and a broken
+"""Cross-field config rules (llamapipe.config.rules): each holds on a good config, and a broken
 one is refused by ``resolve`` with a message that names the keys and their values."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from llamapipe import config_rules
 from llamapipe.config import deep_merge, load, resolve
-from llamapipe.errors import PipelineError
+from llamapipe.config import rules as config_rules
+from llamapipe.core.errors import PipelineError
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
 MULTI_NODE = {"nodes": 2, "master": "10.0.0.1:8090", "ips": "10.0.0.1,10.0.0.2", "node_launcher": "srun"}

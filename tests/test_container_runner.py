@@ -24,21 +24,18 @@ from pathlib import Path
 import pytest
 
 from ci_policy import unavailable
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
+from llamapipe.npu.devices import NPU_CONTROL_DEVICES, device_nodes, driver_mounts
 from llamapipe.runners.container import (
     LABEL_PROJECT,
     LABEL_RULE,
     LABEL_STARTED,
-    NPU_CONTROL_DEVICES,
     ContainerSpec,
     add_container_run_parser,
     connect,
     container_create_kwargs,
     container_run_main,
-    current_user,
     load_spec,
-    npu_devices,
-    npu_driver_mounts,
     project_id,
     refuse_engine_socket_mounts,
     run_in_container,
@@ -164,10 +161,10 @@ def _fake_driver_root(root: Path) -> Path:
 def test_create_kwargs_fake_devices_no_ascend_hardware(tmp_path):
     dev = _fake_dev(tmp_path)
     root = _fake_driver_root(tmp_path / "host")
-    devices = npu_devices([0, 3], dev_root=str(dev))
+    devices = device_nodes([0, 3], dev_root=str(dev))
     assert devices == [f"{dev}/davinci0", f"{dev}/davinci3", f"{dev}/davinci_manager", f"{dev}/devmm_svm",
                        f"{dev}/hisi_hdc"]
-    mounts = npu_driver_mounts(root=str(root))
+    mounts = driver_mounts(root=str(root))
     assert [(m["target"], m["read_only"]) for m in mounts] == [
         ("/usr/local/Ascend/driver", True), ("/usr/local/bin/npu-smi", True), ("/usr/local/dcmi", True)]
     spec = ContainerSpec(image="paddle-npu:pinned", rule="sft", project="proj-1", devices=devices,
@@ -197,29 +194,11 @@ def test_create_kwargs_fake_devices_no_ascend_hardware(tmp_path):
     assert not {"shm_size", "working_dir", "user"} & set(kw2)
 
 
-def test_missing_nodes_named_fake_devices_no_ascend_hardware(tmp_path):
-    dev = _fake_dev(tmp_path, cards=[0, 1])
-    (dev / "devmm_svm").unlink()
-    with pytest.raises(PipelineError) as err:
-        npu_devices([0, 3], dev_root=str(dev))
-    msg = str(err.value)
-    assert f"no {dev}/davinci3: is card 3 present? (ASCEND_RT_VISIBLE_DEVICES)" in msg
-    assert f"no {dev}/devmm_svm" in msg and "davinci0" not in msg
-    with pytest.raises(PipelineError, match="no NPU cards selected"):
-        npu_devices([], dev_root=str(dev))
-    with pytest.raises(PipelineError, match="listed twice"):
-        npu_devices([1, 1], dev_root=str(dev))
-    root = _fake_driver_root(tmp_path / "host")
-    (root / "usr/local/bin/npu-smi").unlink()
-    with pytest.raises(PipelineError, match=r"no .*/usr/local/bin/npu-smi: the Ascend driver"):
-        npu_driver_mounts(root=str(root))
-
-
 def test_plain_files_refused_by_engine_fake_devices_no_ascend_hardware(docker_engine, base_image, tmp_path):
     """Docker needs real device nodes: a plain file fails at create/start with "not a device
     node"; the runner reports that as a PipelineError and leaves no container behind."""
     dev = _fake_dev(tmp_path)
-    spec = _spec(base_image, devices=npu_devices([0], dev_root=str(dev)))
+    spec = _spec(base_image, devices=device_nodes([0], dev_root=str(dev)))
     with pytest.raises(PipelineError, match="not a device node"):
         run_in_container(spec, ["true"], out=io.BytesIO(), client=docker_engine.client)
     assert _ours(docker_engine.client, spec) == []
@@ -236,8 +215,8 @@ def test_device_nodes_mapped_fake_devices_no_ascend_hardware(docker_engine, base
     except PermissionError as exc:
         unavailable(f"cannot create device nodes here: {exc}")
     root = _fake_driver_root(tmp_path / "host")
-    devices = npu_devices([0, 1], dev_root=str(dev))
-    spec = _spec(base_image, devices=devices, mounts=npu_driver_mounts(root=str(root)),
+    devices = device_nodes([0, 1], dev_root=str(dev))
+    spec = _spec(base_image, devices=devices, mounts=driver_mounts(root=str(root)),
                  env={"ASCEND_RT_VISIBLE_DEVICES": "0,1"})
     script = (
         "import json, os, stat\n"
@@ -461,9 +440,9 @@ def test_cpu_image_runs_paddle_and_the_mounted_project(docker_engine, cpu_image,
     """The CPU stage image carries the pinned stack; the project's code comes from the bind mount."""
     spec = _spec(cpu_image, mounts=[{"source": str(ROOT / "src"), "target": "/project/src", "read_only": True},
                                     {"source": str(tmp_path), "target": "/work", "read_only": False}],
-                 env={"PYTHONPATH": "/project/src", "OMP_NUM_THREADS": "1"}, workdir="/work", user=current_user())
+                 env={"PYTHONPATH": "/project/src", "OMP_NUM_THREADS": "1"}, workdir="/work", user=f"{os.getuid()}:{os.getgid()}")
     out = io.BytesIO()
-    code = run_in_container(spec, ["python", "-c", "import paddle, llamapipe.errors; print(paddle.__version__)"],
+    code = run_in_container(spec, ["python", "-c", "import paddle, llamapipe.core.errors; print(paddle.__version__)"],
                             out=out, client=docker_engine.client)
     assert code == 0, out.getvalue().decode(errors="replace")
     assert out.getvalue().decode().strip().splitlines()[-1] == "3.0.0"

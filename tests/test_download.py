@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from http_fixtures import ServerScript, serve
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
 from llamapipe.stages import download
 
 GOOD_FILES = {

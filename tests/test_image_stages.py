@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
 from llamapipe.stages import image
 
 

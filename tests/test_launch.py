@@ -1,5 +1,5 @@
-"""The launcher commands of sft on both targets (one builder, llamapipe.launch), the one-host
-node supervisor (llamapipe.local_nodes, real processes) and the config typing of --config."""
+"""The launcher commands of sft on both targets (one builder, llamapipe.scaleout.launch), the one-host
+node supervisor (llamapipe.scaleout.local_nodes, real processes) and the config typing of --config."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from llamapipe import commands, launch
 from llamapipe.config import coerce_cli_scalars, deep_merge, load
+from llamapipe.npu import scripts
+from llamapipe.runners import commands
+from llamapipe.scaleout import launch
 
 PATHS = {"sft": "results/sft", "sft_checkpoints": "results/checkpoints/sft",
          "sft_launch_logs": "results/logs/sft_launch", "data": "results/data", "base_model": "results/model/base"}
@@ -56,7 +58,7 @@ def test_two_processes_run_our_stage_under_the_launcher_with_the_threads_shared(
 def test_two_local_nodes_run_under_the_supervisor_with_a_log_dir_each(tmp_path):
     cfg = _cfg(tmp_path, sft={"nodes": 2, "master": "127.0.0.1:36677"})
     argv = _sft(cfg)
-    assert argv[:6] == ["python", "-m", "llamapipe.local_nodes", "--nodes", "2", "--"]
+    assert argv[:6] == ["python", "-m", "llamapipe.scaleout.local_nodes", "--nodes", "2", "--"]
     assert argv[6:17] == ["python", "-u", "-m", "paddle.distributed.launch", "--nproc_per_node", "1",
                           "--log_dir", "results/logs/sft_launch/node@NODE@", "--nnodes", "2", "--master"]
     assert argv[17] == "127.0.0.1:36677"
@@ -140,7 +142,7 @@ def test_npu_nodes_under_srun_run_sfts_script_per_node_and_collect_once(tmp_path
 def test_smoke_collective_stays_on_one_node(tmp_path):
     cfg = _cfg(tmp_path, target="npu", npu={"nodes": 2, "node_launcher": "srun"})
     paths = {**PATHS, "smoke_collective": "results/smoke.json", "smoke_launch_logs": "results/logs/smoke"}
-    script = commands._npu_smoke_collective(cfg, paths, "/p")[-1]
+    script = scripts.smoke_collective_script(cfg, paths, "/p", launch.npu_layout(cfg))[-1]
     assert "--nnodes" not in script and "--log_dir /p/results/logs/smoke " in script
 
 
@@ -160,11 +162,11 @@ def test_nested_cli_values_are_typed_by_the_schema():
     assert coerce_cli_scalars({"sft": {"processes": "two"}}, schema) == {"sft": {"processes": "two"}}
 
 
-# --- llamapipe.local_nodes: real processes -------------------------------------------------
+# --- llamapipe.scaleout.local_nodes: real processes -------------------------------------------------
 
 
 def _nodes(tmp_path, *script, nodes=2, timeout=60):
-    return subprocess.run([sys.executable, "-m", "llamapipe.local_nodes", "--nodes", str(nodes), "--",
+    return subprocess.run([sys.executable, "-m", "llamapipe.scaleout.local_nodes", "--nodes", str(nodes), "--",
                            "bash", "-c", *script], capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_LLAMA
-from llamapipe import checkpoint_io
-from llamapipe.errors import PipelineError
+from llamapipe.core import checkpoint_io
+from llamapipe.core.errors import PipelineError
 from llamapipe.stages import merge
 from llamapipe.stages.sft import LORA_TARGET_MODULES
 

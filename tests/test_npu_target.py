@@ -13,9 +13,11 @@ import shlex
 import pytest
 
 from conftest import copy_project, planned_jobs, snakemake
-from llamapipe import commands, upstream_npu
 from llamapipe.config import resolve
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
+from llamapipe.npu import upstream_args
+from llamapipe.runners import commands
+from llamapipe.scaleout import launch
 
 NPU_RULES = ["preflight", "plan", "pull_image", "build_image", "preflight_image", "build_ops", "download_data",
              "prepare_data", "init_model", "smoke_collective", "sft", "merge", "export", "predict"]
@@ -124,7 +126,7 @@ def _cfg(**npu_over):
 def test_lora_switch_uses_the_upstream_lora_arguments():
     cfg = resolve(_cfg())
     cfg["sft"]["lora"] = True
-    args = upstream_npu.finetune_args(cfg, "meta-llama/Llama-2-13b", "/p/results/data", "/p/ckpt")
+    args = upstream_args.finetune_args(cfg, "meta-llama/Llama-2-13b", "/p/results/data", "/p/ckpt")
     assert args[-4:] == ["--lora", "true", "--lora_rank", "32"]
     assert "--sharding" not in args  # llama_npu_lora_N1C8.sh trains without sharding
 
@@ -147,10 +149,10 @@ def test_pretrain_switch_runs_run_pretrain():
 def test_multi_node_under_srun_takes_nodes_and_master_from_the_job():
     """srun starts this line on every node: the node count, node id and master come from the job
     (double-quoted, so the per-node shell expands them); a configured ips list is passed on."""
-    from llamapipe.launch import shell_line
+    from llamapipe.scaleout.launch import shell_line
 
     cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2", node_launcher="srun"))
-    argv = upstream_npu.launch_argv(cfg, "run_finetune.py", "logs")
+    argv = launch.launch_argv(launch.npu_layout(cfg), ["run_finetune.py"], "logs")
     assert shell_line(argv) == (
         'python -u -m paddle.distributed.launch --devices 0,1,2,3,4,5,6,7 --log_dir "logs/node$SLURM_NODEID" '
         '--nnodes "$SLURM_NNODES" --master "$LLAMAPIPE_MASTER" --ips 10.0.0.1,10.0.0.2 run_finetune.py')
@@ -206,7 +208,7 @@ def test_parallel_auto_takes_the_planners_layout_and_writes_plan_json(npu_projec
 
 
 def test_multi_node_plan_covers_all_cards():
-    from llamapipe.parallel_config import apply_plan
+    from llamapipe.config.parallel import apply_plan
 
     cfg = resolve(_cfg(nodes=2, master="10.0.0.1:8090", ips="10.0.0.1,10.0.0.2", parallel="auto",
                        node_launcher="srun"))

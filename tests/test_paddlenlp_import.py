@@ -1,4 +1,4 @@
-"""llamapipe.paddlenlp_import: init-model and export import PaddleNLP's transformers part only.
+"""llamapipe.core.paddlenlp_import: init-model and export import PaddleNLP's transformers part only.
 
 Each check runs in a fresh interpreter (what is imported is per process). That the stages give
 the same outputs this way is the e2e tests' (tests/test_pipeline_e2e.py: static == dygraph tokens).
@@ -30,7 +30,7 @@ import json, sys, importlib.metadata
 import paddle
 calls = []
 paddle.disable_signal_handler = lambda: calls.append("disable_signal_handler")
-from llamapipe.paddlenlp_import import TRANSFORMERS, import_parts
+from llamapipe.core.paddlenlp_import import TRANSFORMERS, import_parts
 import_parts(TRANSFORMERS)
 from paddlenlp.transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 import paddlenlp
@@ -56,7 +56,7 @@ def test_the_switch_imports_the_whole_package():
 def test_a_part_out_of_order_fails_loudly_and_leaves_nothing_half_made():
     code = """
 import json, sys
-from llamapipe.paddlenlp_import import import_parts
+from llamapipe.core.paddlenlp_import import import_parts
 try:
     import_parts(("trainer",))  # its cycle with peft resolves only in the package's own order
     error = None
@@ -103,7 +103,7 @@ def test_paddlenlps_package_init_does_only_what_import_parts_repeats():
     origin = importlib.util.find_spec("paddlenlp").origin
     tree = ast.parse(open(origin, encoding="utf-8").read())
     assert set(_effects(tree.body)) <= KNOWN_EFFECTS, (
-        f"{origin} does something new on import: review llamapipe.paddlenlp_import")
+        f"{origin} does something new on import: review llamapipe.core.paddlenlp_import")
     assert "paddle.disable_signal_handler()" in _effects(tree.body)
 
 
@@ -113,7 +113,7 @@ def test_a_paddlenlp_checkout_on_the_path_is_imported_whole(tmp_path):
     for sub in ("", "data", "transformers"):
         (tmp_path / "paddlenlp" / sub).mkdir(exist_ok=True)
         (tmp_path / "paddlenlp" / sub / "__init__.py").write_text("RAN_INIT = True\n")
-    code = ("import json; from llamapipe.paddlenlp_import import TRANSFORMERS, import_parts; "
+    code = ("import json; from llamapipe.core.paddlenlp_import import TRANSFORMERS, import_parts; "
             "import_parts(TRANSFORMERS); import paddlenlp, paddlenlp.transformers; "
             "print(json.dumps([paddlenlp.__file__, getattr(paddlenlp, 'RAN_INIT', False)]))")
     origin, ran = _run(code, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT / 'src'}")

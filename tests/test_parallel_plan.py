@@ -8,15 +8,15 @@ import re
 
 import pytest
 
-from llamapipe import plan_cli
-from llamapipe.errors import PipelineError
-from llamapipe.parallel_plan import (
+from llamapipe.core.errors import PipelineError
+from llamapipe.scaleout import plan_cli
+from llamapipe.scaleout.planner import (
     COMPUTE_FLOPS_PER_S,
     FRAMEWORK_OVERHEAD_GB,
     GB,
     KNOWN_MODELS,
-    Layout,
     ModelShape,
+    ParallelLayout,
     TrainSetup,
     activation_bytes_per_layer,
     check_layout,
@@ -84,7 +84,7 @@ def test_parameter_counts_of_llama2():
 
 
 def test_13b_tp8_memory_by_hand():
-    mem = estimate_memory(L13, UPSTREAM, Layout(8, 1, 1, 1))
+    mem = estimate_memory(L13, UPSTREAM, ParallelLayout(8, 1, 1, 1))
     params = 40 * ((4 * 5120**2 + 3 * 5120 * 13824) / 8 + 2 * 5120) + 2 * 32000 * 5120 / 8 + 5120
     assert mem.params_per_card == pytest.approx(params) == pytest.approx(1_627_345_920)
     assert mem.params_gb == pytest.approx(params * 2 / GB)
@@ -99,13 +99,13 @@ def test_13b_tp8_memory_by_hand():
 def test_pipeline_first_stage_holds_pp_micro_batches():
     setup = TrainSetup(sequence_parallel=True)
     one = activation_bytes_per_layer(4096, 2, 5120, 40, tp=2, sequence_parallel=True, flash_attention=True)
-    mem = estimate_memory(L13, setup, Layout(2, 4, 1, 1))
+    mem = estimate_memory(L13, setup, ParallelLayout(2, 4, 1, 1))
     assert mem.stage == "first"
     assert mem.activations_gb == pytest.approx(10 * one * 4 / GB)  # 40/4 layers, min(pp, 64) = 4 in flight
 
 
 def test_cost_model_terms():
-    lay = Layout(2, 4, 1, 1)
+    lay = ParallelLayout(2, 4, 1, 1)
     cost = estimate_cost(L13, UPSTREAM, lay)
     assert cost.bubble == pytest.approx(3 / 67)
     tokens = 4096 * 2 * 64
@@ -125,7 +125,7 @@ def test_cost_model_terms():
 @pytest.mark.parametrize("recompute", [False, True])
 def test_13b_on_8x64gb_upstream_settings_tp8_fits(recompute):
     result = plan(L13, TrainSetup(recompute=recompute))
-    tp8 = Layout(8, 1, 1, 1)  # upstream: tp 8, pp 1, --sharding_parallel_degree 1 --sharding stage1
+    tp8 = ParallelLayout(8, 1, 1, 1)  # upstream: tp 8, pp 1, --sharding_parallel_degree 1 --sharding stage1
     assert tp8 in _layouts(result.fitting)
     assert result.chosen is not None and result.chosen.layout == tp8
     assert any("shards nothing" in n for n in result.chosen.notes)
@@ -143,7 +143,7 @@ def test_13b_recompute_fits_more_layouts():
 
 def test_13b_tp1_pp1_without_sharding_does_not_fit_64gb():
     setup = TrainSetup(sequence_parallel=False, sharding_stage=0)
-    mem = estimate_memory(L13, setup, Layout(1, 1, 1, 8))
+    mem = estimate_memory(L13, setup, ParallelLayout(1, 1, 1, 8))
     assert mem.params_gb + mem.grads_gb + mem.optimizer_gb == pytest.approx(13_015_864_320 * 18 / GB)
     assert mem.total_gb > 64 and not mem.fits
     with pytest.raises(PipelineError, match=r"tp 1, pp 1, sharding 1, dp 8 does not fit: it needs 2\d\d\.\d GB"):
@@ -165,13 +165,13 @@ def test_nothing_fits_returns_no_choice_with_the_numbers():
 @pytest.mark.parametrize(
     "layout, setup, expected",
     [
-        (Layout(8, 1, 1, 2), UPSTREAM, "= 16, but there are 8 cards"),
-        (Layout(3, 1, 1, 1), TrainSetup(cards_per_node=3), "tp 3 does not divide num_attention_heads 40"),
-        (Layout(16, 1, 1, 1), TrainSetup(nodes=2), "tp 16 does not divide num_attention_heads 40"),
-        (Layout(8, 3, 1, 1), TrainSetup(nodes=3), "pp 3 does not divide num_hidden_layers 40"),
-        (Layout(1, 1, 1, 8), UPSTREAM, "sequence parallel needs tp > 1"),
-        (Layout(2, 1, 4, 1), TrainSetup(sharding_stage=0), "sharding 4 with sharding_stage 0"),
-        (Layout(16, 1, 1, 1), TrainSetup(nodes=2), "tensor parallel must stay within a node: tp 16 > 8"),
+        (ParallelLayout(8, 1, 1, 2), UPSTREAM, "= 16, but there are 8 cards"),
+        (ParallelLayout(3, 1, 1, 1), TrainSetup(cards_per_node=3), "tp 3 does not divide num_attention_heads 40"),
+        (ParallelLayout(16, 1, 1, 1), TrainSetup(nodes=2), "tp 16 does not divide num_attention_heads 40"),
+        (ParallelLayout(8, 3, 1, 1), TrainSetup(nodes=3), "pp 3 does not divide num_hidden_layers 40"),
+        (ParallelLayout(1, 1, 1, 8), UPSTREAM, "sequence parallel needs tp > 1"),
+        (ParallelLayout(2, 1, 4, 1), TrainSetup(sharding_stage=0), "sharding 4 with sharding_stage 0"),
+        (ParallelLayout(16, 1, 1, 1), TrainSetup(nodes=2), "tensor parallel must stay within a node: tp 16 > 8"),
     ],
 )
 def test_impossible_layouts_have_clear_reasons(layout, setup, expected):
@@ -182,26 +182,26 @@ def test_impossible_layouts_have_clear_reasons(layout, setup, expected):
 def test_tp_straddling_nodes_is_rejected():
     shape = ModelShape(hidden_size=96, num_hidden_layers=2, num_attention_heads=12, num_key_value_heads=12,
                        vocab_size=1000, intermediate_size=256)
-    reasons = check_layout(shape, TrainSetup(nodes=3), Layout(3, 1, 1, 8))
+    reasons = check_layout(shape, TrainSetup(nodes=3), ParallelLayout(3, 1, 1, 8))
     assert reasons == ["tensor parallel must stay within a node: tp 3 does not divide 8 cards per node, "
                        "so some tp groups straddle two nodes"]
 
 
 def test_upstream_layout_and_vocab_split_are_possible_with_notes():
-    assert check_layout(L13, UPSTREAM, Layout(8, 1, 1, 1)) == []
+    assert check_layout(L13, UPSTREAM, ParallelLayout(8, 1, 1, 1)) == []
     odd_vocab = ModelShape.from_dict({**KNOWN_MODELS["meta-llama/Llama-2-13b"], "vocab_size": 32001})
-    assert check_layout(odd_vocab, UPSTREAM, Layout(8, 1, 1, 1)) == []
-    notes = layout_notes(odd_vocab, UPSTREAM, Layout(8, 1, 1, 1))
+    assert check_layout(odd_vocab, UPSTREAM, ParallelLayout(8, 1, 1, 1)) == []
+    notes = layout_notes(odd_vocab, UPSTREAM, ParallelLayout(8, 1, 1, 1))
     assert any("keeps embed_tokens and lm_head whole" in n for n in notes)
     # the whole vocabulary then sits on every tp rank: 2 x V x h more than 2 x V x h / 8
-    diff = (estimate_memory(odd_vocab, UPSTREAM, Layout(8, 1, 1, 1)).params_per_card
-            - estimate_memory(L13, UPSTREAM, Layout(8, 1, 1, 1)).params_per_card)
+    diff = (estimate_memory(odd_vocab, UPSTREAM, ParallelLayout(8, 1, 1, 1)).params_per_card
+            - estimate_memory(L13, UPSTREAM, ParallelLayout(8, 1, 1, 1)).params_per_card)
     assert diff == pytest.approx(2 * 32001 * 5120 - 2 * 32000 * 5120 / 8)
 
 
 def test_gqa_kv_heads_must_divide_tp():
-    assert check_layout(L70, UPSTREAM, Layout(8, 1, 1, 1)) == []
-    reasons = check_layout(L70, TrainSetup(cards_per_node=16), Layout(16, 1, 1, 1))
+    assert check_layout(L70, UPSTREAM, ParallelLayout(8, 1, 1, 1)) == []
+    reasons = check_layout(L70, TrainSetup(cards_per_node=16), ParallelLayout(16, 1, 1, 1))
     assert reasons == ["tp 16 does not divide num_key_value_heads 8"]
 
 
@@ -267,11 +267,11 @@ def test_two_nodes_plan_over_16_cards():
     tp16 = next(c for c in result.rejected if c.layout.tp == 16)
     assert any("within a node" in r for r in tp16.reasons)
     # topology (PaddleNLP pp_first): tp innermost, so tp 8 stays on a node and its sharding group spans two
-    assert not group_spans_nodes(Layout(8, 1, 2, 1), ("tp",), 8)
-    assert group_spans_nodes(Layout(8, 1, 2, 1), ("sharding",), 8)
-    inter = estimate_cost(L13, setup, Layout(8, 1, 2, 1)).dp_comm_s
+    assert not group_spans_nodes(ParallelLayout(8, 1, 2, 1), ("tp",), 8)
+    assert group_spans_nodes(ParallelLayout(8, 1, 2, 1), ("sharding",), 8)
+    inter = estimate_cost(L13, setup, ParallelLayout(8, 1, 2, 1)).dp_comm_s
     assert inter > 0
-    assert plan(L13, setup, {"tp": 8, "pp": 1, "sharding": 2}).chosen.layout == Layout(8, 1, 2, 1)
+    assert plan(L13, setup, {"tp": 8, "pp": 1, "sharding": 2}).chosen.layout == ParallelLayout(8, 1, 2, 1)
 
 
 def test_table_and_json_are_deterministic():
@@ -303,7 +303,7 @@ def test_cli_prints_table_and_writes_plan_json(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "total GB" in printed and "chosen: tp 8, pp 1, sharding 1, dp 1" in printed
     data = json.loads(out.read_text())
-    by_hand = estimate_memory(L13, UPSTREAM, Layout(8, 1, 1, 1)).total_gb  # checked term by term above
+    by_hand = estimate_memory(L13, UPSTREAM, ParallelLayout(8, 1, 1, 1)).total_gb  # checked term by term above
     assert data["chosen"]["memory_gb"]["total_gb"] == pytest.approx(by_hand, abs=0.01)
     assert data["setup"]["seq_length"] == 4096 and data["cards"] == 8
 

@@ -119,8 +119,8 @@ def test_static_predict_equals_dygraph_greedy_on_a_padded_batch(finished_run, lo
     import paddle
     from paddlenlp.transformers import AutoModelForCausalLM
 
+    from llamapipe.core.tokenizer_io import left_padded_batch
     from llamapipe.stages.predict import StaticGreedyPredictor, read_records
-    from llamapipe.tokenizer_io import left_padded_batch
 
     r = finished_run / "results"
     srcs = [rec["src"] for rec in read_records(str(r / "data/dev.json"))[:6]]

@@ -68,7 +68,7 @@ def tokenizer_dir(tmp_path_factory):
 def test_sentencepiece_tokenizer_equals_paddlenlps(tokenizer_dir):
     import numpy as np
 
-    from llamapipe.tokenizer_io import SentencePieceTokenizer, load_tokenizer
+    from llamapipe.core.tokenizer_io import SentencePieceTokenizer, load_tokenizer
 
     path, records, vocab = tokenizer_dir
     lib, ours = load_tokenizer(str(path), padding_side="left"), SentencePieceTokenizer(str(path))
@@ -98,7 +98,7 @@ def test_preflight_reads_versions_without_importing_the_stack(tmp_path):
 
 
 def test_preflight_names_a_missing_package(tmp_path, monkeypatch):
-    from llamapipe.errors import PipelineError
+    from llamapipe.core.errors import PipelineError
     from llamapipe.stages import preflight
 
     monkeypatch.setitem(preflight.STACK, "no_such_module_xyz", "no-such-dist")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
 from llamapipe.stages import prepare_data
 
 

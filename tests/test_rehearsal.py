@@ -1,7 +1,7 @@
 """The NPU target rehearsed on CPU (``--config target=npu rehearsal=cpu``).
 
 - The rehearsal's commands are the NPU dry-run's commands but for the items of
-  ``llamapipe.rehearsal``'s list: every differing flag, step or rule is explained by one listed
+  ``llamapipe.config.rehearsal``'s list: every differing flag, step or rule is explained by one listed
   config key (the mapping below is written from upstream's argument names, not from our code),
   and every listed key explains something. Runs anywhere: a stand-in checkout suffices.
 - End to end with upstream's own scripts: needs a PaddleNLP checkout at the pinned commit, named
@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_project, snakemake
-from llamapipe import rehearsal
-from llamapipe.errors import PipelineError
+from llamapipe.config import rehearsal
+from llamapipe.core.errors import PipelineError
+from llamapipe.npu.checkout import CHECKOUT_FILES
 from npu_commands import (
     COLLECTIVE_CHECK,
     SMOKE_SCRIPT,
@@ -83,7 +84,7 @@ def explain(loc: tuple, runtime: str = "local") -> str | None:
         return {"device": "npu.device", "devices": "devices", "runtime": "runtime",
                 "sft_dtype": "npu.sft", "ascend_env": "npu.ascend_env", "inference_model": "npu.inference_model",
                 "paddlenlp_checkout": "npu.paddlenlp_dir" if runtime == "local" else "npu.paddlenlp_mount",
-                "model_name_or_path": "npu.model_name_or_path",
+                "model_name_or_path": "npu.model_name_or_path", "model_built": "npu.model_name_or_path",
                 "dtype": "npu.export", "--benchmarks": "npu.image.build"}.get(name) or (
             "npu.model_name_or_path" if where == "init-model" else None)
     if name == "--device":
@@ -139,7 +140,7 @@ def locations(rule: str, command: str) -> dict:
 
 def fake_checkout(root: Path) -> Path:
     """The files the rehearsal checks for; enough for a dry-run (and scripts that write nothing)."""
-    for rel in rehearsal.CHECKOUT_FILES:
+    for rel in CHECKOUT_FILES:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("print('this stand-in writes nothing')\n")
     return root
@@ -223,7 +224,7 @@ def test_without_a_checkout_the_rehearsal_clones_the_pinned_commit(tmp_path):
 
 
 def test_a_clone_that_cannot_reach_its_repository_names_the_variable(tmp_path):
-    from llamapipe.upstream_checkout import clone
+    from llamapipe.npu.checkout import clone
 
     with pytest.raises(PipelineError, match=f"Set {rehearsal.CHECKOUT_ENV}=<dir>"):
         clone(f"file://{tmp_path}/nowhere", "4711e147a", str(tmp_path / "out"))
@@ -231,7 +232,7 @@ def test_a_clone_that_cannot_reach_its_repository_names_the_variable(tmp_path):
 
 
 def test_a_clone_without_the_npu_scripts_is_refused(tmp_path):
-    from llamapipe.upstream_checkout import clone
+    from llamapipe.npu.checkout import clone
 
     repo, commit = _git_repo(tmp_path / "upstream")
     with pytest.raises(PipelineError, match="lacks llm/some_script.py"):
@@ -402,7 +403,7 @@ def test_rehearsal_commands_exactly(tmp_path):
             ("export", "predict/export_model.py", UPSTREAM_EXPORT, OURS_EXPORT, REHEARSAL_EXPORT),
             ("predict", "predict/predictor.py", UPSTREAM_PREDICT, OURS_PREDICT, REHEARSAL_PREDICT)):
         step = find_step(cmds[rule], script)
-        assert step[:4] == ["python", "-m", "llamapipe.cpu_shims", script]
+        assert step[:4] == ["python", "-m", "llamapipe.npu.cpu_shims", script]
         assert script_flags(step, script) == expected(upstream, {**ours, **extra}, project)
         assert ["python", "-c", "import paddlenlp_ops"] not in cmds[rule].steps  # the ops are not importable on CPU
         assert not any(s[:1] == ["source"] for s in cmds[rule].steps)

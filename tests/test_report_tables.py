@@ -7,7 +7,7 @@ import json
 
 import pandas as pd
 
-from llamapipe import report
+from llamapipe.stages import report
 
 
 def test_tables_carry_the_metrics_and_the_first_predictions(tmp_path):

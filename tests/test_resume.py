@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from llamapipe import checkpoint_io
+from llamapipe.core import checkpoint_io
 from llamapipe.stages import sft
 
 

@@ -16,7 +16,7 @@ import socket
 import pytest
 
 from conftest import copy_project, snakemake
-from llamapipe.launch import SRUN_MASTER_PORT
+from llamapipe.scaleout.launch import SRUN_MASTER_PORT
 from test_slurm import SMALL, SUBMITTED, cpu_settings, sacct_jobs, slurm_logs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.e2e]

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_project, snakemake
-from llamapipe import collective_check, rehearsal
-from llamapipe.errors import PipelineError
+from llamapipe.config import rehearsal
+from llamapipe.core.errors import PipelineError
+from llamapipe.scaleout import collective_check
 from test_npu_commands import NPU_ENV
 from test_rehearsal import fake_checkout
 

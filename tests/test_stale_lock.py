@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SNAKEMAKE, copy_project, snakemake
-from llamapipe import stale_lock
+from llamapipe.snakemake_hooks import stale_lock
 
 
 def _locked(workdir: Path, owner: dict | None) -> Path:

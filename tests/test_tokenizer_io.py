@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamapipe.tokenizer_io import decode_generated, encode_example, encode_prompt, left_padded_batch
+from llamapipe.core.tokenizer_io import decode_generated, encode_example, encode_prompt, left_padded_batch
 
 
 class CharTokenizer:

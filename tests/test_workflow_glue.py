@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from llamapipe.workflow_glue import chain_gaps
+from llamapipe.snakemake_hooks.workflow_glue import chain_gaps
 
 CHAIN = ["a", "b", "c", "d", "e"]
 
@@ -28,7 +28,7 @@ def test_only_outputs_the_request_depends_on_count():
 
 
 def test_paths_swallowed_by_forcerun_become_the_targets():
-    from llamapipe.workflow_glue import split_swallowed_targets
+    from llamapipe.snakemake_hooks.workflow_glue import split_swallowed_targets
 
     rules = ["export", "predict", "sft"]
     assert split_swallowed_targets(["export", "results/predictions.json"], [], rules) == (

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # usable from a plain checkout, not only an installed venv
 
-from llamapipe.atomic import atomic_path  # noqa: E402
+from llamapipe.core.atomic import atomic_path  # noqa: E402
 
 SEED = 2024
 MTIME = 1700000000  # fixed member mtime: the archive's bytes must not depend on when it was built

@@ -16,9 +16,9 @@ import sys
 import time
 from typing import Any, Callable
 
-from llamapipe.errors import PipelineError
-from llamapipe.logs import configure_logging
-from llamapipe.paddlenlp_import import TRANSFORMERS, import_parts
+from llamapipe.core.errors import PipelineError
+from llamapipe.core.logs import configure_logging
+from llamapipe.core.paddlenlp_import import TRANSFORMERS, import_parts
 
 
 def _params(text: str) -> dict[str, Any]:
@@ -38,9 +38,9 @@ def _stage_preflight(a: argparse.Namespace) -> Any:
 
 
 def _stage_preflight_image(a: argparse.Namespace) -> Any:
-    from llamapipe.ascend_checks import run_image
+    from llamapipe.stages import preflight_image
 
-    return run_image(a.params, a.out)
+    return preflight_image.run(a.params, a.out)
 
 
 def _pull_image(a: argparse.Namespace) -> Any:
@@ -62,10 +62,9 @@ def _collect_sft(a: argparse.Namespace) -> Any:
 
 
 def _fetch_paddlenlp(a: argparse.Namespace) -> Any:
-    from llamapipe.rehearsal import CHECKOUT_FILES
-    from llamapipe.upstream_checkout import clone
+    from llamapipe.npu.checkout import clone
 
-    return clone(a.repo, a.commit, a.out, required=CHECKOUT_FILES)
+    return clone(a.repo, a.commit, a.out)
 
 
 def _check_outputs(a: argparse.Namespace) -> Any:
@@ -158,7 +157,7 @@ STAGES: dict[str, Any] = {
 
 
 def _plots(a: argparse.Namespace) -> Any:
-    from llamapipe import report
+    from llamapipe.stages import report
 
     out = {"training": report.plot_training(a.train_log, f"{a.out}/loss.png")}
     out["stage_seconds"] = report.plot_stage_times(a.benchmarks.split(","), f"{a.out}/stage_times.png")
@@ -166,20 +165,20 @@ def _plots(a: argparse.Namespace) -> Any:
 
 
 def _tables(a: argparse.Namespace) -> Any:
-    from llamapipe import report
+    from llamapipe.stages import report
 
     return report.write_tables(a.metrics, a.predictions, a.out)
 
 
 def _provenance(a: argparse.Namespace) -> Any:
-    from llamapipe import provenance
+    from llamapipe.stages import provenance
 
     record = provenance.collect(a.manifests, json.loads(a.config), ".", a.images.split(",") if a.images else [], a.out)
     return {"stages": sorted(record["stages"]), "git": record["git"]}
 
 
 def _compare(a: argparse.Namespace) -> Any:
-    from llamapipe import report
+    from llamapipe.stages import report
 
     table = report.compare(a.results_a, a.results_b)
     print(table.to_string(index=False))
@@ -238,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, flag_help in flags:
             p.add_argument(flag, required=True, help=flag_help)
         p.set_defaults(handler=handler, threads=1)
-    from llamapipe.plan_cli import add_plan_parser
     from llamapipe.runners.container import add_container_run_parser
+    from llamapipe.scaleout.plan_cli import add_plan_parser
 
     add_plan_parser(sub)
     add_container_run_parser(sub).set_defaults(threads=1)
@@ -252,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()  # stage time includes process start-up work (imports): it is real cost
     args = build_parser().parse_args(argv)
     configure_logging()
-    from llamapipe.provenance import now
+    from llamapipe.core.manifest import now
 
     started_at = now()
-    from llamapipe.paddle_env import prepare, quiet_paddlenlp
+    from llamapipe.core.paddle_env import prepare, quiet_paddlenlp
 
     prepare(args.threads)
     if args.stage in PADDLENLP_STAGES:
@@ -298,7 +297,7 @@ NOT_INPUTS = {"out", "ckpt_dir", "cache_dir"}
 
 
 def _write_manifest(args: argparse.Namespace, started_at: str) -> None:
-    from llamapipe.provenance import write_stage_manifest
+    from llamapipe.core.manifest import write_stage_manifest
 
     names = [flag.lstrip("-").replace("-", "_") for flag in args.path_flags]
     inputs = {n: getattr(args, n) for n in names if n not in NOT_INPUTS}

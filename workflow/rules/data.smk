@@ -12,13 +12,7 @@ rule download_data:
     conda:
         CONDA_ENV
     params:
-        cmd=stage_cmd(
-            "download_data",
-            "--out",
-            PATHS["raw_data"],
-            "--cache-dir",
-            PATHS["download_cache"],
-        ),
+        cmd=rule_cmd("download_data"),
     shell:
         # On the terminal too: what is fetched, each retry. Snakemake's bash runs with
         # `set -euo pipefail`, so the stage's exit status survives the pipe.
@@ -40,8 +34,6 @@ rule prepare_data:
     conda:
         CONDA_ENV
     params:
-        cmd=stage_cmd(
-            "prepare_data", "--src", PATHS["raw_data"], "--out", PATHS["data"]
-        ),
+        cmd=rule_cmd("prepare_data"),
     shell:
         "{params.cmd} > {log} 2>&1"

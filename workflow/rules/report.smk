@@ -4,7 +4,7 @@
 rule plots:
     input:
         sft=PATHS["sft"],  # a directory output: its train_log.jsonl is read by the command
-        benchmarks=stage_benchmarks(),
+        benchmarks=stage_benchmarks(CFG),
     output:
         loss=report(
             f"{PATHS['plots']}/loss.png",
@@ -21,16 +21,7 @@ rule plots:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "plots",
-            "--train-log",
-            f"{PATHS['sft']}/train_log.jsonl",
-            "--benchmarks",
-            ",".join(stage_benchmarks()),
-            "--out",
-            PATHS["plots"],
-        ),
+        cmd=rule_cmd("plots"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -55,16 +46,7 @@ rule report_tables:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "report-tables",
-            "--metrics",
-            PATHS["metrics"],
-            "--predictions",
-            PATHS["predictions"],
-            "--out",
-            PATHS["report_tables"],
-        ),
+        cmd=rule_cmd("report_tables"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -72,7 +54,7 @@ rule report_tables:
 rule provenance:
     input:
         PATHS["metrics"],
-        image_records(),
+        image_records(CFG),
     output:
         report(PATHS["provenance"], caption="../report/provenance.rst", category="Run"),
     log:
@@ -80,17 +62,6 @@ rule provenance:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "provenance",
-            "--manifests",
-            f"{RESULTS}/manifests",
-            "--config",
-            json.dumps(CFG, sort_keys=True),
-            "--images",
-            ",".join(image_records()),
-            "--out",
-            PATHS["provenance"],
-        ),
+        cmd=rule_cmd("provenance"),
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -14,9 +14,7 @@ rule export:
     resources:
         npu=npu_cards("export"),
     params:
-        cmd=stage_cmd(
-            "export", "--merged", PATHS["merged"], "--out", PATHS["inference"]
-        ),
+        cmd=rule_cmd("export"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -40,16 +38,7 @@ rule predict:
     resources:
         npu=npu_cards("predict"),
     params:
-        cmd=stage_cmd(
-            "predict",
-            "--inference",
-            PATHS["inference"],
-            "--dev",
-            PATHS["dev"],
-            "--out",
-            PATHS["predictions"],
-            threads=CFG["predict"]["threads"] or CFG["threads"],
-        ),
+        cmd=rule_cmd("predict", threads=CFG["predict"]["threads"] or CFG["threads"]),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -67,12 +56,6 @@ rule evaluate:
     conda:
         CONDA_ENV
     params:
-        cmd=stage_cmd(
-            "evaluate",
-            "--predictions",
-            PATHS["predictions"],
-            "--out",
-            PATHS["metrics"],
-        ),
+        cmd=rule_cmd("evaluate"),
     shell:
         "{params.cmd} > {log} 2>&1"

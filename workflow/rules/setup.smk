@@ -9,14 +9,7 @@ rule preflight:
         CONDA_ENV
     params:
         # host checks: never in a container (they check the host the containers need)
-        cmd=shell_join(
-            "llamapipe",
-            "preflight",
-            "--params",
-            stage_params("preflight"),
-            "--out",
-            PATHS["preflight"],
-        ),
+        cmd=rule_cmd("preflight"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -33,14 +26,7 @@ rule pull_image:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "pull-image",
-            "--image",
-            CFG["npu"]["image"]["base"],
-            "--out",
-            PATHS["base_image"],
-        ),
+        cmd=rule_cmd("pull_image"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -58,27 +44,16 @@ rule build_image:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "build-image",
-            "--dockerfile",
-            "Dockerfile.npu",
-            "--tag",
-            CFG["npu"]["image"]["tag"],
-            "--build-args",
-            json.dumps(npu_build_args(), sort_keys=True),
-            "--out",
-            PATHS["image"],
-        ),
+        cmd=rule_cmd("build_image"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
 
 # npu only: CANN, kernels, ATB, the plugin's libraries, the Python stack and /dev/shm, checked
-# inside the stage image as the stages run (llamapipe.ascend_checks); every stage waits for it.
+# inside the stage image as the stages run (llamapipe.npu.ascend_checks); every stage waits for it.
 rule preflight_image:
     input:
-        image_records()[1:] or PATHS["preflight"],
+        image_records(CFG)[1:] or PATHS["preflight"],
         upstream_inputs(),
     output:
         PATHS["image_preflight"],
@@ -91,7 +66,7 @@ rule preflight_image:
     resources:
         npu=npu_cards("preflight_image"),
     params:
-        cmd=preflight_image_cmd(),
+        cmd=rule_cmd("preflight_image"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -109,7 +84,7 @@ rule build_ops:
     conda:
         CONDA_ENV
     params:
-        cmd=build_ops_cmd(),
+        cmd=rule_cmd("build_ops"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -128,15 +103,7 @@ rule plan:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "plan",
-            *plan_args(),
-            "--measured-memory",
-            PATHS["preflight"],
-            "--out",
-            PATHS["plan"],
-        ),
+        cmd=rule_cmd("plan"),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -150,15 +117,6 @@ rule paddlenlp_checkout:
     conda:
         CONDA_ENV
     params:
-        cmd=shell_join(
-            "llamapipe",
-            "fetch-paddlenlp",
-            "--repo",
-            CFG["npu"]["image"]["paddlenlp_repo"],
-            "--commit",
-            CFG["npu"]["image"]["paddlenlp_commit"],
-            "--out",
-            PADDLENLP_CLONE or ".cache/PaddleNLP",
-        ),
+        cmd=rule_cmd("paddlenlp_checkout"),
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -14,14 +14,7 @@ rule init_model:
     resources:
         npu=npu_cards("init_model"),
     params:
-        cmd=stage_cmd(
-            "init_model",
-            "--train",
-            PATHS["train"],
-            "--out",
-            PATHS["base_model"],
-            threads=CFG["threads"],
-        ),
+        cmd=rule_cmd("init_model", threads=CFG["threads"]),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -44,7 +37,7 @@ rule smoke_collective:
     resources:
         npu=npu_cards("smoke_collective"),
     params:
-        cmd=smoke_collective_cmd(),
+        cmd=rule_cmd("smoke_collective", threads=CFG["threads"]),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -71,18 +64,7 @@ rule sft:
         # a SLURM job over the nodes when srun starts the launchers (profiles/slurm)
         nodes=sft_nodes(),
     params:
-        cmd=stage_cmd(
-            "sft",
-            "--train",
-            PATHS["train"],
-            "--base",
-            PATHS["base_model"],
-            "--out",
-            PATHS["sft"],
-            "--ckpt-dir",
-            PATHS["sft_checkpoints"],
-            threads=CFG["threads"],
-        ),
+        cmd=rule_cmd("sft", threads=CFG["threads"]),
     shell:
         "{params.cmd} > {log} 2>&1"
 
@@ -104,14 +86,6 @@ rule merge:
     resources:
         npu=npu_cards("merge"),
     params:
-        cmd=stage_cmd(
-            "merge",
-            "--sft",
-            PATHS["sft"],
-            "--base",
-            PATHS["base_model"],
-            "--out",
-            PATHS["merged"],
-        ),
+        cmd=rule_cmd("merge"),
     shell:
         "{params.cmd} > {log} 2>&1"

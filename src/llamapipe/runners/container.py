@@ -37,7 +37,8 @@ import threading
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, BinaryIO
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.docker_engine import connect, engine_name
+from llamapipe.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ LABEL_RULE = "llamapipe.rule"
 LABEL_STARTED = "llamapipe.started"
 
 STOP_TIMEOUT = 5  # seconds between SIGTERM and SIGKILL when the runner is interrupted
-CLIENT_TIMEOUT = 600  # seconds for one engine API call (log streaming and wait() have none)
 
 # The engine's control sockets: mounting one (or a directory holding one) into a stage container
 # gives that container root on the host.
@@ -56,11 +56,6 @@ ENGINE_SOCKETS = (
     "/var/run/containerd/containerd.sock",
     "/run/containerd/containerd.sock",
 )
-
-# The nodes the Ascend driver needs besides one /dev/davinciN per card (the guide's docker run).
-NPU_CONTROL_DEVICES = ("davinci_manager", "devmm_svm", "hisi_hdc")
-# The guide's -v mounts: driver libraries and tools the CANN runtime in the image loads from the host.
-NPU_DRIVER_PATHS = ("/usr/local/Ascend/driver", "/usr/local/bin/npu-smi", "/usr/local/dcmi")
 
 _SHM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?[bB]?$")
 _LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]*$")
@@ -189,80 +184,6 @@ def project_id(project_dir: str) -> str:
     real = os.path.realpath(project_dir)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(real) or "root").strip("-.") or "project"
     return f"{name}-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
-
-
-def current_user() -> str:
-    """``uid:gid`` of this process: pass as ``ContainerSpec.user`` so outputs belong to the caller."""
-    return f"{os.getuid()}:{os.getgid()}"
-
-
-# --- NPU devices and driver mounts -------------------------------------------------------------
-
-def npu_devices(visible: list[int], dev_root: str = "/dev") -> list[str]:
-    """The device nodes the guide's container gets for the cards in ``visible`` (the host's card
-    numbers, as in ASCEND_RT_VISIBLE_DEVICES): ``davinciN`` per card plus the driver's control
-    nodes. Every missing node is named in one error. ``dev_root`` lets tests use fake nodes."""
-    if not visible:
-        raise PipelineError("no NPU cards selected (ASCEND_RT_VISIBLE_DEVICES is empty)")
-    cards = []
-    for card in visible:
-        if isinstance(card, bool) or not isinstance(card, int) or card < 0:
-            raise PipelineError(f"NPU card ids must be non-negative integers, got {card!r}")
-        if card in cards:
-            raise PipelineError(f"NPU card {card} is listed twice")
-        cards.append(card)
-    wanted = [(os.path.join(dev_root, f"davinci{c}"), f"is card {c} present? (ASCEND_RT_VISIBLE_DEVICES)")
-              for c in cards]
-    wanted += [(os.path.join(dev_root, name), "is the Ascend driver installed and loaded?")
-               for name in NPU_CONTROL_DEVICES]
-    missing = [f"no {path}: {hint}" for path, hint in wanted if not os.path.exists(path)]
-    if missing:
-        raise PipelineError("; ".join(missing))
-    return [path for path, _ in wanted]
-
-
-def npu_driver_mounts(root: str = "/") -> list[dict[str, Any]]:
-    """The guide's ``-v`` mounts of the host's Ascend driver, read-only, at their usual paths;
-    npu-smi from where the host has it (PATH, /usr/local/sbin, /usr/local/bin: driver installs
-    put it in sbin). ``root`` is where the host's file system starts (tests use a fake tree)."""
-    from llamapipe.ascend_checks import NPU_SMI_GUIDE_PATH, Host, find_npu_smi
-
-    smi = find_npu_smi(Host(root=root)) or NPU_SMI_GUIDE_PATH
-    mounts = []
-    missing = []
-    for target in NPU_DRIVER_PATHS:
-        source = os.path.join(root, (smi if target == NPU_SMI_GUIDE_PATH else target).lstrip("/"))
-        if not os.path.exists(source):
-            missing.append(f"no {source}: the Ascend driver (npu-smi, dcmi) is not installed on this host")
-        mounts.append({"source": source, "target": target, "read_only": True})
-    if missing:
-        raise PipelineError("; ".join(missing))
-    return mounts
-
-
-# --- the engine ---------------------------------------------------------------------------------
-
-def _engine_name() -> str:
-    host = os.environ.get("DOCKER_HOST")
-    return f"DOCKER_HOST={host}" if host else "unix:///var/run/docker.sock (DOCKER_HOST is unset)"
-
-
-def connect() -> Any:
-    """``docker.from_env()``, checked with a ping; an unreachable engine is a PipelineError."""
-    try:
-        import docker
-    except ImportError as exc:  # pragma: no cover - the host venv has it
-        raise PipelineError("the docker SDK is not installed in this environment (pip install docker)") from exc
-    import requests
-
-    try:
-        # a generous timeout: creating a container copies the image on some storage drivers (vfs)
-        client = docker.from_env(timeout=CLIENT_TIMEOUT)
-        client.ping()
-    except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
-        raise PipelineError(f"cannot reach the Docker engine at {_engine_name()}: {exc}. "
-                            "Start dockerd, or set DOCKER_HOST to a running engine") from exc
-    return client
 
 
 def _engine_sockets(client: Any = None) -> set[str]:
@@ -476,7 +397,7 @@ def run_in_container(spec: ContainerSpec, argv: list[str], out: BinaryIO | None 
             _explain_failure(container, spec, code)
         return code
     except requests.RequestException as exc:
-        raise PipelineError(f"rule {spec.rule}: lost contact with the Docker engine at {_engine_name()} "
+        raise PipelineError(f"rule {spec.rule}: lost contact with the Docker engine at {engine_name()} "
                             f"while running the container: {exc}") from exc
     except docker.errors.APIError as exc:
         raise PipelineError(f"rule {spec.rule}: the Docker engine failed while running the container: "
@@ -561,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llamapipe.runners.container", description=__doc__.split("\n")[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    from llamapipe.logs import configure_logging
+    from llamapipe.core.logs import configure_logging
 
     root = configure_logging()
     try:

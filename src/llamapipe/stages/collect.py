@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llamapipe import checkpoint_io
-from llamapipe.atomic import atomic_dir, write_json
-from llamapipe.errors import PipelineError
+from llamapipe.core import checkpoint_io
+from llamapipe.core.atomic import atomic_dir, write_json
+from llamapipe.core.errors import PipelineError
 
 log = logging.getLogger("llamapipe.collect")
 
@@ -48,7 +48,7 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_l
     if not src.is_dir() or not _weights(src) or not has_config:
         raise PipelineError(f"{ckpt_dir} holds no final model (weights and config.json): did training finish?")
     # local rank 0 logs the losses (the mean over all ranks); several nodes: each node's launcher
-    # logs under node<K>/ (llamapipe.launch), and node 0's first process is as good as any
+    # logs under node<K>/ (llamapipe.scaleout.launch), and node 0's first process is as good as any
     worker_log = Path(launch_logs) / "workerlog.0"
     if not worker_log.is_file() and (Path(launch_logs) / "node0" / "workerlog.0").is_file():
         worker_log = Path(launch_logs) / "node0" / "workerlog.0"

@@ -21,9 +21,9 @@ import zlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from llamapipe.atomic import atomic_dir, atomic_path
-from llamapipe.errors import PipelineError
-from llamapipe.hashing import sha256_file
+from llamapipe.core.atomic import atomic_dir, atomic_path
+from llamapipe.core.errors import PipelineError
+from llamapipe.core.hashing import sha256_file
 
 log = logging.getLogger("llamapipe.download")
 

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from llamapipe.atomic import write_json
+from llamapipe.core.atomic import write_json
 
 log = logging.getLogger("llamapipe.evaluate")
 

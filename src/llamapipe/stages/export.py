@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from llamapipe.atomic import atomic_dir, write_json
-from llamapipe.tokenizer_io import copy_tokenizer_files
+from llamapipe.core.atomic import atomic_dir, write_json
+from llamapipe.core.tokenizer_io import copy_tokenizer_files
 
 log = logging.getLogger("llamapipe.export")
 

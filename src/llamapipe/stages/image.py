@@ -11,15 +11,15 @@ import json
 import logging
 from typing import Any
 
-from llamapipe.atomic import write_json
-from llamapipe.errors import PipelineError
-from llamapipe.hashing import sha256_file
+from llamapipe.core.atomic import write_json
+from llamapipe.core.errors import PipelineError
+from llamapipe.core.hashing import sha256_file
 
 log = logging.getLogger("llamapipe.image")
 
 
 def _client() -> Any:
-    from llamapipe.runners.container import connect
+    from llamapipe.core.docker_engine import connect
 
     return connect()
 

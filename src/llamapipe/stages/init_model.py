@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llamapipe.atomic import atomic_dir
-from llamapipe.checkpoint_io import BASE_MODEL_POINTER
-from llamapipe.errors import PipelineError
-from llamapipe.tokenizer_io import flatten
+from llamapipe.core.atomic import atomic_dir
+from llamapipe.core.checkpoint_io import BASE_MODEL_POINTER
+from llamapipe.core.errors import PipelineError
+from llamapipe.core.tokenizer_io import join_text
 
 log = logging.getLogger("llamapipe.init_model")
 
@@ -30,7 +30,7 @@ def _write_corpus(train_file: str, out: Path) -> int:
     with open(train_file, encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
         for line in src:
             rec = json.loads(line)
-            dst.write(flatten(rec["src"]) + "\n" + flatten(rec["tgt"]) + "\n")
+            dst.write(join_text(rec["src"]) + "\n" + join_text(rec["tgt"]) + "\n")
             n += 1
     return n
 
@@ -95,7 +95,7 @@ def run(params: dict[str, Any], train_file: str, out_dir: str, seed: int) -> dic
         return write_base_pointer(params["model_name_or_path"], out_dir)
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    from llamapipe.paddle_env import seed_everything
+    from llamapipe.core.paddle_env import seed_everything
 
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as work:
         corpus = Path(work) / "corpus.txt"

@@ -12,16 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llamapipe import checkpoint_io
-from llamapipe.atomic import atomic_dir, write_json
-from llamapipe.tokenizer_io import copy_tokenizer_files
+from llamapipe.core import checkpoint_io
+from llamapipe.core.atomic import atomic_dir, write_json
+from llamapipe.core.tokenizer_io import copy_tokenizer_files
 
 log = logging.getLogger("llamapipe.merge")
 
 
 
 def merge_lora(base_dir: str, lora_dir: str) -> dict[str, Any]:
-    from llamapipe.paddle_env import quiet_paddlenlp
+    from llamapipe.core.paddle_env import quiet_paddlenlp
 
     quiet_paddlenlp()  # the CLI leaves PaddleNLP unimported for merge: a full fine-tune needs only Paddle
     from paddlenlp.peft import LoRAModel

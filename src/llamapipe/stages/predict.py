@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from llamapipe.atomic import write_json
-from llamapipe.errors import PipelineError
-from llamapipe.tokenizer_io import SentencePieceTokenizer, decode_generated, left_padded_batch
+from llamapipe.core.atomic import write_json
+from llamapipe.core.errors import PipelineError
+from llamapipe.core.tokenizer_io import SentencePieceTokenizer, decode_generated, left_padded_batch
 
 log = logging.getLogger("llamapipe.predict")
 

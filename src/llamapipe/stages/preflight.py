@@ -2,7 +2,7 @@
 
 cpu: Python and the Paddle stack (installed versions, read without importing it), cores, memory,
 free disk.
-npu: the host checks of ``llamapipe.ascend_checks`` (chip, device nodes, driver against the
+npu: the host checks of ``llamapipe.npu.ascend_checks`` (chip, device nodes, driver against the
 pairing table, npu-smi and idle cards, shared memory, the model's source), the container engine,
 free disk. Everything missing is listed at once, and the log shows one line per check, before an
 image pull or a training job can fail hours in. ``results/preflight.json`` keeps what was found
@@ -11,23 +11,21 @@ image pull or a training job can fail hours in. ``results/preflight.json`` keeps
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import platform
-import re
 import shutil
 import subprocess
 from typing import Any
 
-from llamapipe.atomic import write_json
-from llamapipe.errors import PipelineError
+from llamapipe.core.atomic import write_json
+from llamapipe.core.cards import parse_cards
+from llamapipe.core.errors import PipelineError
 
 log = logging.getLogger("llamapipe.preflight")
 
 # module -> distribution: what the cpu stages import, and the pip package that installs it
 STACK = {"paddle": "paddlepaddle", "paddlenlp": "paddlenlp", "sentencepiece": "sentencepiece", "numpy": "numpy"}
-ASCEND_910_PCI_DEVICE = "d802"  # the guide: `lspci | grep d802`
 
 
 def package_versions(names=STACK) -> dict[str, Any]:
@@ -62,89 +60,41 @@ def memory_gib() -> float:
         return float("nan")
 
 
-def count_pci_npus(lspci: str = "lspci") -> int | None:
-    """Ascend 910 cards on the PCI bus; None when lspci is not available."""
-    try:
-        out = subprocess.run([lspci], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return sum(1 for line in out.splitlines() if f"Device {ASCEND_910_PCI_DEVICE}" in line)
-
-
-def davinci_cards(dev_root: str) -> list[int]:
-    cards = []
-    for path in glob.glob(os.path.join(dev_root, "davinci*")):
-        m = re.fullmatch(r"davinci(\d+)", os.path.basename(path))
-        if m:
-            cards.append(int(m.group(1)))
-    return sorted(cards)
-
-
-def _read_version(path: str, key: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                name, _, value = line.strip().partition("=")
-                if name.strip().lower() == key.lower():
-                    return value.strip()
-    except OSError:
-        return None
-    return None
-
-
-def driver_version(ascend_root: str) -> str | None:
-    return _read_version(os.path.join(ascend_root, "driver", "version.info"), "Version")
-
-
-def cann_version(ascend_root: str) -> str | None:
-    """CANN toolkit version from the install info the toolkit writes (path varies by arch)."""
-    patterns = ["ascend-toolkit/latest/*/ascend_toolkit_install.info", "ascend-toolkit/latest/version.cfg",
-                "ascend-toolkit/latest/ascend_toolkit_install.info"]
-    for pattern in patterns:
-        for path in sorted(glob.glob(os.path.join(ascend_root, pattern))):
-            version = _read_version(path, "version") or _read_version(path, "toolkit_installed_version")
-            if version:
-                return version
-    return None
-
-
 def engine_version() -> tuple:
     """(version, problem): the Docker engine every NPU stage runs in."""
-    try:
-        import docker
+    from llamapipe.core.docker_engine import connect
 
-        client = docker.from_env(timeout=10)
-        return client.version().get("Version"), None
-    except Exception as exc:
-        where = os.environ.get("DOCKER_HOST", "the default socket")
-        return None, f"container engine not reachable at {where}: {exc}"
+    try:
+        return connect(timeout=10).version().get("Version"), None
+    except PipelineError as exc:
+        return None, str(exc)
 
 
 def npu_checks(params: dict, report: dict, problems: list) -> list:
-    """The host's Ascend checks (``llamapipe.ascend_checks``) and the container engine: the
+    """The host's Ascend checks (``llamapipe.npu.ascend_checks``) and the container engine: the
     check records, their failures appended to ``problems``, what they read merged into ``report``.
     ``host_root``, ``lspci``, ``npu_smi`` and ``hub_endpoint`` in ``params`` point the checks at
     another tree, commands and model host (the tests' fake host)."""
-    from llamapipe import ascend_checks
-    from llamapipe.rehearsal import BASE_MODEL
-    from llamapipe.runners.container import NPU_CONTROL_DEVICES
+    from llamapipe.npu import ascend_checks
+    from llamapipe.npu.devices import NPU_CONTROL_DEVICES
 
     host = ascend_checks.Host(root=params.get("host_root") or "/", lspci=params.get("lspci", "lspci"),
                               npu_smi=params.get("npu_smi"), hub_endpoint=params.get("hub_endpoint"))
-    wanted = [int(c) for c in params["devices"].split(",")]
-    model = params.get("model_name_or_path", BASE_MODEL)
+    wanted = parse_cards(params["devices"])
+    model = params["model_name_or_path"]
     records, facts = ascend_checks.host_checks(host, {
         "cards": wanted, "dev_root": params["dev_root"], "ascend_root": params["ascend_root"],
         "control_devices": NPU_CONTROL_DEVICES, "pairing": params.get("pairing") or {},
         "shm_size": params.get("shm_size", "128g"), "sft_dtype": params.get("sft_dtype", ""),
-        "model_name_or_path": model, "model_cache": params.get("model_cache"), "model_built": model == BASE_MODEL})
+        "model_name_or_path": model, "model_cache": params.get("model_cache"),
+        "model_built": params.get("model_built", False)})
     report.update(facts)
     report.update({
         "pci_ascend_910": facts.get("pci", {}).get(ascend_checks.CHIP_PCI.get(
-            (params.get("pairing") or {}).get("chip", "ascend910b"), ASCEND_910_PCI_DEVICE), 0),
+            (params.get("pairing") or {}).get("chip", "ascend910b"), ascend_checks.CHIP_PCI["ascend910b"]), 0),
         "cards_requested": wanted,
         # the host's own toolkit, if any: the stages use the image's (rule preflight_image checks it)
-        "cann_version": cann_version(host.path(params["ascend_root"])),
+        "cann_version": ascend_checks.toolkit_info(host, params["ascend_root"])[1].get("version"),
     })
     version, problem = engine_version()
     report["engine_version"] = version
@@ -157,9 +107,9 @@ def npu_checks(params: dict, report: dict, problems: list) -> list:
 def checkout_checks(checkout: str, report: dict, problems: list, pinned: str | None = None) -> None:
     """The PaddleNLP checkout the rehearsal runs: the scripts present, and at the pinned commit
     when it is a git clone (scripts of another commit need that commit's library)."""
-    from llamapipe.rehearsal import CHECKOUT_FILES
+    from llamapipe.npu.checkout import missing_files
 
-    missing = [f for f in CHECKOUT_FILES if not os.path.isfile(os.path.join(checkout, f))]
+    missing = missing_files(checkout)
     if missing:
         problems.append(f"PaddleNLP checkout {checkout} lacks {', '.join(missing)}")
 
@@ -198,7 +148,7 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
         checkout_checks(params["paddlenlp_checkout"], report, problems, params.get("paddlenlp_commit"))
     if target == "npu" and params.get("device", "npu") == "npu":
         checks = npu_checks(params, report, problems)  # the Paddle stack lives in the image, not on the host
-        from llamapipe.ascend_checks import record
+        from llamapipe.npu.ascend_checks import record
 
         checks.append(record("disk", "host", f"{free_gib:.1f} GiB free", free_gib >= params["min_free_disk_gb"],
                              f"{free_gib:.1f} GiB free in {os.path.abspath(workdir)} (need "
@@ -214,7 +164,7 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
         if key != "npu_smi":  # its parsed table: in preflight.json
             log.info("%s: %s", key, value)
     if checks:
-        from llamapipe.ascend_checks import format_table
+        from llamapipe.npu.ascend_checks import format_table
 
         log.info("host checks:\n%s", format_table(checks))
         report["checks"] = checks

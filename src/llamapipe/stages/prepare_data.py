@@ -12,8 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from llamapipe.atomic import atomic_dir, write_json, write_json_lines
-from llamapipe.errors import PipelineError
+from llamapipe.core.atomic import atomic_dir, write_json, write_json_lines
+from llamapipe.core.errors import PipelineError
 
 log = logging.getLogger("llamapipe.prepare_data")
 

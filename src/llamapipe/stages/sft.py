@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamapipe import checkpoint_io
-from llamapipe.atomic import atomic_dir, write_json
-from llamapipe.hashing import sha256_file, sha256_json
-from llamapipe.tokenizer_io import encode_example, load_tokenizer
+from llamapipe.core import checkpoint_io
+from llamapipe.core.atomic import atomic_dir, write_json
+from llamapipe.core.hashing import sha256_file, sha256_json
+from llamapipe.core.tokenizer_io import encode_example, load_tokenizer
 
 log = logging.getLogger("llamapipe.sft")
 
@@ -46,7 +46,7 @@ def load_examples(path: str, tok: Any, src_length: int, max_length: int) -> list
         ]
 
 
-def fingerprint(params: dict[str, Any], train_file: str, base_dir: str, seed: int) -> dict[str, str]:
+def training_identity(params: dict[str, Any], train_file: str, base_dir: str, seed: int) -> dict[str, str]:
     shaping = {k: v for k, v in params.items() if k not in CADENCE_KEYS}
     return {
         "params": sha256_json({"params": shaping, "seed": seed}),
@@ -226,7 +226,7 @@ def run(
     from paddlenlp.datasets import MapDataset
     from paddlenlp.trainer import TrainingArguments
 
-    from llamapipe.paddle_env import seed_everything
+    from llamapipe.core.paddle_env import seed_everything
 
     seed_everything(seed)
     tok = load_tokenizer(base_dir)
@@ -235,7 +235,7 @@ def run(
     args = TrainingArguments(**training_arguments(params, ckpt_dir, seed, device))
     first = args.process_index == 0
     if first:
-        prepare_checkpoint_dir(Path(ckpt_dir), fingerprint(params, train_file, base_dir, seed))
+        prepare_checkpoint_dir(Path(ckpt_dir), training_identity(params, train_file, base_dir, seed))
     _barrier(args)  # every rank resumes from what rank 0 left in place
     resume = last_checkpoint(Path(ckpt_dir))
 

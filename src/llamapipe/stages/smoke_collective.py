@@ -4,7 +4,7 @@
 flags and environment: ``init_parallel_env``, an all-reduce whose sum every rank checks, a small
 matmul checked against numpy, a barrier. Before each step the rank replaces
 ``<reports>/rank<N>.json`` with the step it is entering, so when a rank hangs
-``llamapipe.collective_check`` (which runs the launcher under a timeout) can say where each
+``llamapipe.scaleout.collective_check`` (which runs the launcher under a timeout) can say where each
 rank stopped.
 
 Self-contained (stdlib, numpy, paddle), Python 3.9: it runs as a script in the stage image.

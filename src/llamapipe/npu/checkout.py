@@ -13,9 +13,25 @@ import os
 import shutil
 import subprocess
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
 
-log = logging.getLogger("llamapipe.upstream_checkout")
+log = logging.getLogger("llamapipe.npu.checkout")
+
+CHECKOUT_ENV = "LLAMAPIPE_PADDLENLP_SRC"  # a checkout made elsewhere (no network to GitHub here)
+# What a usable checkout holds (the scripts the NPU stages run, the ops package build_ops builds).
+CHECKOUT_FILES = (
+    "llm/run_finetune.py",
+    "llm/predict/export_model.py",
+    "llm/predict/predictor.py",
+    "llm/tools/merge_lora_params.py",
+    "llm/devices/npu/llama/export_utils.py",
+    "csrc/npu/setup.py",
+)
+
+
+def missing_files(checkout: str, required: tuple = CHECKOUT_FILES) -> list[str]:
+    """The files of ``required`` that ``checkout`` lacks (empty: usable)."""
+    return [f for f in required if not os.path.isfile(os.path.join(checkout, f))]
 
 
 def _git(*args: str, cwd: str | None = None) -> str:
@@ -25,9 +41,7 @@ def _git(*args: str, cwd: str | None = None) -> str:
     return proc.stdout.strip()
 
 
-def clone(repo: str, commit: str, out: str, required: tuple = ()) -> dict:
-    from llamapipe.rehearsal import CHECKOUT_ENV
-
+def clone(repo: str, commit: str, out: str, required: tuple = CHECKOUT_FILES) -> dict:
     if shutil.which("git") is None:
         raise PipelineError(f"git is not installed: install it, or set {CHECKOUT_ENV}=<a PaddleNLP checkout>")
     out = os.path.abspath(out)
@@ -45,7 +59,7 @@ def clone(repo: str, commit: str, out: str, required: tuple = ()) -> dict:
         head = _git("rev-parse", "HEAD", cwd=tmp)
         if not head.startswith(commit):
             raise PipelineError(f"{repo}: {commit} resolved to {head}")
-        missing = [f for f in required if not os.path.isfile(os.path.join(tmp, f))]
+        missing = missing_files(tmp, required)
         if missing:
             raise PipelineError(f"{repo} at {head} lacks {', '.join(missing)}")
         os.replace(tmp, out)

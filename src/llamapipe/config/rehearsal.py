@@ -2,7 +2,7 @@
 
 ``--config target=npu rehearsal=cpu`` runs the NPU DAG (preflight, plan, build_ops, init_model,
 smoke_collective, sft, merge, export, predict, evaluate, report) through the same command builders
-(``llamapipe.commands``, ``llamapipe.upstream_npu``) and upstream's own ``llm/`` entry points
+(``llamapipe.runners.commands``, ``llamapipe.npu.upstream_args``) and upstream's own ``llm/`` entry points
 from a PaddleNLP checkout, on this machine's CPU, with the cpu target's tiny LLaMA standing in
 for llama2-13b. Every difference from the NPU run is a config value set here, with its reason;
 the command builders have no rehearsal branch, so the NPU dry-run's commands with these values
@@ -16,19 +16,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from llamapipe.errors import PipelineError
+from llamapipe.config.paths import PATHS
+from llamapipe.core.errors import PipelineError
+from llamapipe.npu.checkout import CHECKOUT_ENV, missing_files
 
-CHECKOUT_ENV = "LLAMAPIPE_PADDLENLP_SRC"
-# What a usable checkout holds (the scripts the NPU stages run, the ops package build_ops builds).
-CHECKOUT_FILES = (
-    "llm/run_finetune.py",
-    "llm/predict/export_model.py",
-    "llm/predict/predictor.py",
-    "llm/tools/merge_lora_params.py",
-    "llm/devices/npu/llama/export_utils.py",
-    "csrc/npu/setup.py",
-)
-BASE_MODEL = "results/model/base"  # common.smk's PATHS["base_model"]: what init_model builds
 PARALLEL_ONE_PROCESS = {
     "tensor_parallel_degree": 1,
     "pipeline_parallel_degree": 1,
@@ -60,7 +51,7 @@ def _differences(cfg: dict) -> list[Difference]:
                    "not sft's one: with one process its all-reduce sums nothing across ranks"),
         Difference("npu.parallel", PARALLEL_ONE_PROCESS, "one process: no tensor/pipeline/sharding groups, "
                    "so no sequence parallel and no sharding stage"),
-        Difference("npu.model_name_or_path", BASE_MODEL, "the cpu target's tiny LLaMA (built by init_model) "
+        Difference("npu.model_name_or_path", PATHS["base_model"], "the cpu target's tiny LLaMA (built by init_model) "
                    "stands in for meta-llama/Llama-2-13b: no hub downloads here"),
         Difference("npu.model_config", json.dumps(model_shape, sort_keys=True),
                    "the parallel plan checks the tiny model's shape"),
@@ -81,7 +72,7 @@ def _differences(cfg: dict) -> list[Difference]:
                    "preflight_image records its toolkit, kernels, atb_env and plugin_ldd checks (and the "
                    "paddle-custom-npu version) as 'skipped: rehearsal'; its import gate, numpy and paddlepaddle "
                    "version checks run"),
-        Difference("npu.cpu_shims", True, "upstream scripts run through llamapipe.cpu_shims: export with "
+        Difference("npu.cpu_shims", True, "upstream scripts run through llamapipe.npu.cpu_shims: export with "
                    "use_top_p=False (top_p_sampling has no float32 CPU kernel) and the predictor without "
                    "Paddle Inference's inplace_pass (with oneDNN it corrupts the decode loop on CPU)"),
         Difference("npu.image.build", False, "no NPU image is pulled or built (pull_image, build_image "
@@ -101,7 +92,7 @@ def _differences(cfg: dict) -> list[Difference]:
                    "binds to the loopback: without a network the container's hostname does not resolve",
                    runtime="container"),
     ] + ([Difference("npu.node_launcher", "local", "no SLURM allocation: the npu.nodes launchers all start on "
-                     "this host (llamapipe.local_nodes) and meet at npu.master on 127.0.0.1, where srun would "
+                     "this host (llamapipe.scaleout.local_nodes) and meet at npu.master on 127.0.0.1, where srun would "
                      "start one per node of the job")]
          if (cfg.get("npu") or {}).get("nodes", 1) > 1 else [])
 
@@ -123,10 +114,20 @@ def checkout_dir(cfg: dict) -> str:
     if not path:
         return os.path.abspath(clone_dir(cfg))
     path = os.path.abspath(path)
-    missing = [f for f in CHECKOUT_FILES if not os.path.isfile(os.path.join(path, f))]
+    missing = missing_files(path)
     if missing:
         raise PipelineError(f"{path} is not a PaddleNLP checkout the NPU stages can run: missing {', '.join(missing)}")
     return path
+
+
+def host_checkout(cfg: dict) -> str | None:
+    """A given PaddleNLP checkout on the host, for preflight to check: mounted into the
+    containers, or run in place by the local rehearsal. The image's own is not on the host; the
+    rehearsal's clone is checked as it is made."""
+    if cfg.get("rehearsal") and not given_checkout(cfg):
+        return None
+    local = cfg["npu"]["paddlenlp_dir"] if cfg.get("rehearsal") and cfg["runtime"] == "local" else None
+    return cfg["npu"]["paddlenlp_mount"] or local
 
 
 def _applicable(cfg: dict) -> list[Difference]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llamapipe.atomic import atomic_path
+from llamapipe.core.atomic import atomic_path
 
 
 def _pyplot() -> Any:
@@ -106,17 +106,6 @@ def _html(title: str, frame: Any) -> str:
             f"</head><body><h2>{title}</h2>{body}</body></html>")
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def compare(results_a: str, results_b: str) -> Any:
     """Side by side: config keys that differ, then every metric."""
     import pandas as pd
@@ -126,7 +115,8 @@ def compare(results_a: str, results_b: str) -> Any:
         config = json.loads(prov.read_text())["config"] if prov.exists() else {}
         metrics_file = Path(d) / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        return flatten(config), metrics
+        # dotted keys (npu.sft.max_steps): what a config override names
+        return pd.json_normalize([config], sep=".").to_dict("records")[0], metrics
 
     (ca, ma), (cb, mb) = load(results_a), load(results_b)
     rows = [("config", k, ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]

@@ -11,7 +11,6 @@ Imported at Snakefile parse time: pure Python, no Paddle.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -20,11 +19,12 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
-from llamapipe.parallel_plan import KNOWN_MODELS
-from llamapipe.rehearsal import BASE_MODEL
+from llamapipe.config.paths import builds_base_model
+from llamapipe.core.cards import parse_cards
+from llamapipe.core.errors import PipelineError
+from llamapipe.scaleout.planner import KNOWN_MAX_POSITIONS, KNOWN_MODELS, ModelShape, read_model_config
 
 # max_position_embeddings of the hub models the planner knows (their config.json files).
-KNOWN_MAX_POSITIONS = {name: 4096 for name in KNOWN_MODELS if name.startswith("meta-llama/Llama-2-")}
 # upstream predictor.py's PredictorArgument.total_max_length default: export_args and
 # predictor_args do not pass it, and __post_init__ asserts src_length + max_length <= it.
 UPSTREAM_TOTAL_MAX_LENGTH = 4096
@@ -55,67 +55,40 @@ def _key(cfg: dict, dotted: str) -> str:
     return f"npu.{dotted}" if isinstance(overlay, dict) and name in overlay else dotted
 
 
-def builds_tiny_model(cfg: dict) -> bool:
-    """init_model builds ``model:`` on the cpu target, and in the rehearsal (npu with the tiny base)."""
-    return not _on_npu(cfg) or _npu(cfg).get("model_name_or_path") == BASE_MODEL
-
-
 @dataclass(frozen=True)
-class Shape:
-    """The trained model's shape, and how messages name it."""
+class TrainedShape:
+    """The shape of the model sft trains, where it comes from, and how messages name it."""
 
-    name: str  # where it comes from: "model" (the section), "npu.model_config" or a hub name
-    hidden_size: int
-    heads: int
-    kv_heads: int
-    intermediate_size: int
+    source: str  # "model" (the section), "npu.model_config" or a known hub name
+    shape: ModelShape
     max_positions: int | None
 
     def key(self, field: str) -> str:
-        return f"model.{field}" if self.name == "model" else f"{field} of {self.name}"
+        return f"model.{field}" if self.source == "model" else f"{field} of {self.source}"
 
 
-def _built_shape(model: dict) -> Shape:
-    heads = model["num_attention_heads"]
-    return Shape("model", model["hidden_size"], heads, model.get("num_key_value_heads") or heads,
-                 model["intermediate_size"], model.get("max_position_embeddings"))
-
-
-def _shape_from(name: str, data: dict, max_positions: int | None) -> Shape | None:
-    try:
-        heads = int(data["num_attention_heads"])
-        return Shape(name, int(data["hidden_size"]), heads, int(data.get("num_key_value_heads") or heads),
-                     int(data["intermediate_size"]), data.get("max_position_embeddings", max_positions))
-    except (KeyError, TypeError, ValueError):
-        return None  # the plan reports an unreadable shape
-
-
-def _model_config_json(text: str) -> dict | None:
-    """npu.model_config: a config.json path or the JSON itself (the rehearsal passes it inline)."""
-    try:
-        if not text.lstrip().startswith("{"):
-            with open(text, encoding="utf-8") as f:
-                text = f.read()
-        data = json.loads(text)
-    except (OSError, ValueError):
-        return None  # the plan names the unreadable file
-    return data if isinstance(data, dict) else None
-
-
-def model_shape(cfg: dict) -> Shape | None:
-    """The shape of the model sft trains, when it is known before any job runs."""
-    if builds_tiny_model(cfg):
-        return _built_shape(cfg["model"])
+def model_shape(cfg: dict) -> TrainedShape | None:
+    """The shape of the model sft trains, when it is known (and well-formed) before any job runs;
+    an unreadable or malformed shape is the plan's to report (or ``tiny_model_shape``'s)."""
     npu = _npu(cfg)
-    if npu.get("model_config"):
-        data = _model_config_json(npu["model_config"])
-        return _shape_from("npu.model_config", data, None) if data else None
     name = npu.get("model_name_or_path")
-    return _shape_from(name, KNOWN_MODELS[name], KNOWN_MAX_POSITIONS.get(name)) if name in KNOWN_MODELS else None
+    try:
+        if builds_base_model(cfg):
+            source, data = "model", cfg["model"]
+        elif npu.get("model_config"):
+            source, data = "npu.model_config", read_model_config(npu["model_config"], "npu.model_config")
+        elif name in KNOWN_MODELS:
+            source, data = name, {**KNOWN_MODELS[name], "model_type": "llama",
+                                  "max_position_embeddings": KNOWN_MAX_POSITIONS.get(name)}
+        else:
+            return None
+        return TrainedShape(source, ModelShape.from_hf_config(data), data.get("max_position_embeddings"))
+    except (PipelineError, AttributeError, TypeError):
+        return None
 
 
 def card_ids(cfg: dict) -> list[int]:
-    return [int(c) for c in cfg["devices"].split(",")] if cfg.get("devices") else []
+    return parse_cards(cfg.get("devices"))
 
 
 def _devices_key(cfg: dict) -> str:
@@ -148,7 +121,7 @@ def pretrain_needs_npu_target(cfg: dict) -> list[str]:
 
 def tiny_model_shape(cfg: dict) -> list[str]:
     """The shape rules below, for the model init_model builds (a hub model brings its own)."""
-    if not builds_tiny_model(cfg):
+    if not builds_base_model(cfg):
         return []
     m = cfg["model"]
     return [*_hidden_size_splits_into_heads(m), *_heads_split_into_kv_groups(m), *_head_dim_is_even(m)]
@@ -297,9 +270,9 @@ def lora_rank_is_low_rank(cfg: dict) -> list[str]:
     shape = model_shape(cfg)
     if not shape:
         return []
-    dims = {shape.key("hidden_size"): shape.hidden_size,
-            "the key/value width": shape.kv_heads * (shape.hidden_size // shape.heads),
-            shape.key("intermediate_size"): shape.intermediate_size}
+    dims = {shape.key("hidden_size"): shape.shape.hidden_size,
+            "the key/value width": shape.shape.num_key_value_heads * shape.shape.head_dim,
+            shape.key("intermediate_size"): shape.shape.intermediate_size}
     limit_key = min(dims, key=dims.get)
     rank = cfg["sft"]["lora_rank"]
     if rank > dims[limit_key]:
@@ -401,7 +374,8 @@ def tensor_parallel_splits_heads(cfg: dict) -> list[str]:
     tp = par["tensor_parallel_degree"]
     return [f"npu.parallel.tensor_parallel_degree ({tp}) does not divide {shape.key(field)} ({heads}): "
             f"each card holds whole heads"
-            for field, heads in (("num_attention_heads", shape.heads), ("num_key_value_heads", shape.kv_heads))
+            for field, heads in (("num_attention_heads", shape.shape.num_attention_heads),
+                                 ("num_key_value_heads", shape.shape.num_key_value_heads))
             if heads % tp]
 
 

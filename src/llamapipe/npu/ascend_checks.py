@@ -707,21 +707,3 @@ def format_table(records: list[Record]) -> str:
         result = "skip" if r.get("skipped") else ("ok" if r["ok"] else "FAIL")
         lines.append(f"{r['name']:<{width}}  {r['where']:<5}  {result:<6}  {r['verdict']}")
     return "\n".join(lines)
-
-
-def run_image(params: dict[str, Any], out_file: str, host: Host | None = None) -> dict[str, Any]:
-    """``llamapipe preflight-image``: the image checks, the table on stderr, the report in
-    ``out_file`` (written only when every check passes; the failures raise, all listed)."""
-    host = host or Host(**(params.get("host") or {}))
-    records, facts = image_checks(host, params)
-    print(format_table(records), file=sys.stderr, flush=True)
-    problems = [f"{r['name']}: {r['verdict']}" for r in failed(records)]
-    report = {"where": "image", "python": sys.version.split()[0], **facts, "checks": records, "problems": problems}
-    if problems:
-        from llamapipe.errors import PipelineError
-
-        raise PipelineError("image preflight failed:\n  - " + "\n  - ".join(problems))
-    from llamapipe.atomic import write_json
-
-    write_json(out_file, report)
-    return {"checks": len(records), "skipped": sum(1 for r in records if r["skipped"]), "out": out_file}

@@ -81,14 +81,14 @@ class SentencePieceTokenizer:
         return text
 
 
-def flatten(text: Text) -> str:
+def join_text(text: Text) -> str:
     """PaddleNLP's format allows List(str) (multi-turn); we join turns for a single-turn model."""
     return "\n".join(text) if isinstance(text, list) else text
 
 
 def encode_prompt(tok: Any, src: Text, src_length: int) -> list[int]:
     """bos + src tokens, truncated to ``src_length`` tokens in all."""
-    ids = tok.encode(flatten(src), add_special_tokens=False)["input_ids"]
+    ids = tok.encode(join_text(src), add_special_tokens=False)["input_ids"]
     return [tok.bos_token_id] + ids[: max(src_length - 1, 0)]
 
 
@@ -100,7 +100,7 @@ def encode_example(tok: Any, src: Text, tgt: Text, src_length: int, max_length: 
     """
     prompt = encode_prompt(tok, src, src_length)
     budget = max(max_length - len(prompt) - 1, 0)
-    target = tok.encode(flatten(tgt), add_special_tokens=False)["input_ids"][:budget] + [tok.eos_token_id]
+    target = tok.encode(join_text(tgt), add_special_tokens=False)["input_ids"][:budget] + [tok.eos_token_id]
     tokens = prompt + target
     labels = [-100] * len(prompt) + target
     return {"input_ids": tokens[:-1], "labels": labels[1:]}

@@ -1,6 +1,6 @@
 """N node launchers on this host: the one-host stand-in for ``srun`` over N nodes.
 
-    python -m llamapipe.local_nodes --nodes 2 -- python -u -m paddle.distributed.launch \
+    python -m llamapipe.scaleout.local_nodes --nodes 2 -- python -u -m paddle.distributed.launch \
         --nproc_per_node 1 --log_dir logs/node@NODE@ --nnodes 2 --master 127.0.0.1:36677 ...
 
 Starts the command once per node with ``@NODE@`` replaced by the node's index, prefixes each
@@ -8,7 +8,7 @@ node's output with ``[nodeK]``, and behaves as ``srun --kill-on-bad-exit`` does:
 that fails stops the others, and the exit code is that node's. SIGTERM/SIGINT reach every node;
 the launcher stops its workers (which it starts in sessions of their own) when it gets them. The
 launchers stay in this job's process group, where a rerun after a killed snakemake looks for
-leftover jobs (llamapipe.stale_lock).
+leftover jobs (llamapipe.snakemake_hooks.stale_lock).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from llamapipe.launch import NODE_ID
+from llamapipe.scaleout.launch import NODE_ID
 
 STOP_GRACE_S = 20  # after SIGTERM, before SIGKILL: the launcher stops its workers in that time
 
@@ -80,7 +80,7 @@ def run(nodes: int, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llamapipe.local_nodes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.local_nodes", description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then one node's launcher command")
     args = parser.parse_args(argv)

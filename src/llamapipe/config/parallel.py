@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.cards import parse_cards
+from llamapipe.core.errors import PipelineError
 
 SHARDING_STAGE = {"": 0, "stage1": 1, "stage2": 2, "stage3": 3}
 AUTO_DEFAULTS = {  # what `parallel: auto` keeps fixed while the planner picks the degrees
@@ -33,7 +34,7 @@ def plan_argv(cfg: dict, pin: bool = True) -> list[str]:
         "--seq-length", str(sft["max_length"]),
         "--micro-batch", str(sft["per_device_train_batch_size"]),
         "--grad-acc", str(sft["gradient_accumulation_steps"]),
-        "--cards", str(len(cfg["devices"].split(","))),
+        "--cards", str(len(parse_cards(cfg["devices"]))),
         "--nodes", str(npu["nodes"]),
         "--memory-gb", str(npu["memory_per_card_gb"]),
         "--sharding-stage", str(SHARDING_STAGE[par["sharding"]]),
@@ -54,8 +55,8 @@ def plan_argv(cfg: dict, pin: bool = True) -> list[str]:
 
 def apply_plan(cfg: dict) -> Any:
     """Check the configured layout (or choose one for ``auto``); returns the plan."""
-    from llamapipe.parallel_plan import format_table
-    from llamapipe.plan_cli import parse_plan_args, plan_from_args
+    from llamapipe.scaleout.plan_cli import parse_plan_args, plan_from_args
+    from llamapipe.scaleout.planner import format_table
 
     auto = not isinstance(cfg["npu"]["parallel"], dict)
     result = plan_from_args(parse_plan_args(plan_argv(cfg, pin=not auto)))

@@ -1,9 +1,9 @@
 """``plan``: print the parallel-strategy table for a LLaMA on Ascend cards, optionally write plan.json.
 
-    python -m llamapipe.plan_cli --model meta-llama/Llama-2-13b --out results/plan.json
-    python -m llamapipe.plan_cli --model-config config.json --nodes 2 --tp 8
+    python -m llamapipe.scaleout.plan_cli --model meta-llama/Llama-2-13b --out results/plan.json
+    python -m llamapipe.scaleout.plan_cli --model-config config.json --nodes 2 --tp 8
 
-Defaults are upstream's ``llama_npu_sft_N1C8.sh`` (see :class:`llamapipe.parallel_plan.TrainSetup`).
+Defaults are upstream's ``llama_npu_sft_N1C8.sh`` (see :class:`llamapipe.scaleout.planner.TrainSetup`).
 The main CLI adds this as a subcommand with :func:`add_plan_parser`; bad input prints one line and
 exits 2, no traceback.
 """
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llamapipe.errors import PipelineError
-from llamapipe.parallel_plan import (
+from llamapipe.core.errors import PipelineError
+from llamapipe.scaleout.planner import (
     ASCEND_910B_MEMORY_GB,
     DTYPES,
     KNOWN_MODELS,
@@ -27,6 +27,8 @@ from llamapipe.parallel_plan import (
     TrainSetup,
     format_table,
     plan,
+    read_model_config,
+    shape_of,
     to_json,
 )
 
@@ -91,17 +93,7 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _load_shape(args: argparse.Namespace) -> tuple[str, ModelShape]:
     if args.model_config:
-        path = Path(args.model_config)
-        try:  # a file, or the JSON object itself (the rehearsal passes the tiny model's shape inline)
-            text = args.model_config if args.model_config.lstrip().startswith("{") else path.read_text(encoding="utf-8")
-            data = json.loads(text)
-        except OSError as exc:
-            raise PipelineError(f"--model-config {path}: cannot read: {exc.strerror or exc}") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"--model-config {path}: not JSON: {exc}") from exc
-        if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
-            return str(path), ModelShape.from_hf_config(data)
-        return str(path), ModelShape.from_dict(data)
+        return args.model_config, shape_of(read_model_config(args.model_config))
     name = args.model or DEFAULT_MODEL
     if name not in KNOWN_MODELS:
         raise PipelineError(f"--model {name!r} is not known (known: {', '.join(KNOWN_MODELS)}); "
@@ -164,7 +156,7 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
     result = plan_from_args(args)
     print(format_table(result, top=args.top))
     if args.out:
-        from llamapipe.atomic import atomic_path
+        from llamapipe.core.atomic import atomic_path
 
         with atomic_path(args.out) as tmp:
             tmp.write_text(to_json(result), encoding="utf-8")
@@ -194,7 +186,7 @@ def _check_expected(args: argparse.Namespace, result: PlanResult, measured: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llamapipe.plan_cli", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.plan_cli", description=__doc__.split("\n")[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
     try:

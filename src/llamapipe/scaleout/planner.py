@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
 
 GB = 1e9
 """Bytes in a GB (decimal, as the ZeRO paper counts: 7.5B params x 16 bytes = 120 GB)."""
@@ -87,6 +87,7 @@ KNOWN_MODELS: dict[str, dict[str, int]] = {
     },
 }
 """Shapes from the models' Hugging Face ``config.json`` files."""
+KNOWN_MAX_POSITIONS = {name: 4096 for name in KNOWN_MODELS if name.startswith("meta-llama/Llama-2-")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +202,30 @@ class ModelShape:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def read_model_config(model_config: str, label: str = "--model-config") -> Any:
+    """A model config.json path, or the JSON text itself (the rehearsal passes the tiny model's
+    shape inline); ``label`` names the setting in messages."""
+    try:
+        if model_config.lstrip().startswith("{"):
+            text = model_config
+        else:
+            with open(model_config, encoding="utf-8") as f:
+                text = f.read()
+        return json.loads(text)
+    except OSError as exc:
+        raise PipelineError(f"{label} {model_config}: cannot read: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{label} {model_config}: not JSON: {exc}") from exc
+
+
+def shape_of(data: Any) -> ModelShape:
+    """A Hugging Face/PaddleNLP config (``model_type`` or ``architectures`` present) is read
+    leniently; anything else must hold exactly the six shape fields."""
+    if isinstance(data, Mapping) and ("model_type" in data or "architectures" in data):
+        return ModelShape.from_hf_config(data)
+    return ModelShape.from_dict(data)
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """How a run trains, plus the hardware. Defaults are upstream's ``llama_npu_sft_N1C8.sh``:
@@ -280,7 +305,7 @@ class TrainSetup:
 
 
 @dataclass(frozen=True, order=True)
-class Layout:
+class ParallelLayout:
     """One 4D layout; ``world = tp * pp * sharding * dp`` must equal the number of cards."""
 
     tp: int
@@ -303,13 +328,13 @@ class Layout:
 # feasibility
 
 
-def _rank_coords(layout: Layout) -> list[dict[str, int]]:
+def _rank_coords(layout: ParallelLayout) -> list[dict[str, int]]:
     """Coordinates of every rank in PaddleNLP's pp_first topology (tp innermost)."""
     sizes = [getattr(layout, axis) for axis in TOPOLOGY_ORDER]
     return [dict(zip(TOPOLOGY_ORDER, combo)) for combo in itertools.product(*(range(n) for n in sizes))]
 
 
-def group_spans_nodes(layout: Layout, axes: tuple[str, ...], cards_per_node: int) -> bool:
+def group_spans_nodes(layout: ParallelLayout, axes: tuple[str, ...], cards_per_node: int) -> bool:
     """True when some communication group over ``axes`` (e.g. ``("tp",)`` or
     ``("sharding", "dp")``) has members on more than one node. Rank ``r`` lives on node
     ``r // cards_per_node``; ranks are numbered in :data:`TOPOLOGY_ORDER`."""
@@ -320,7 +345,7 @@ def group_spans_nodes(layout: Layout, axes: tuple[str, ...], cards_per_node: int
     return any(len(nodes) > 1 for nodes in groups.values())
 
 
-def check_layout(shape: ModelShape, setup: TrainSetup, layout: Layout) -> list[str]:
+def check_layout(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) -> list[str]:
     """Reasons why PaddleNLP cannot run ``layout`` (empty list: possible).
 
     * the degrees must multiply to the cards (``nodes * cards_per_node``);
@@ -369,7 +394,7 @@ def check_layout(shape: ModelShape, setup: TrainSetup, layout: Layout) -> list[s
     return reasons
 
 
-def layout_notes(shape: ModelShape, setup: TrainSetup, layout: Layout) -> list[str]:
+def layout_notes(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) -> list[str]:
     """Things worth knowing about a possible layout that do not make it impossible."""
     notes: list[str] = []
     if layout.tp > 1 and shape.vocab_size % layout.tp:
@@ -484,7 +509,7 @@ def _vocab_split(shape: ModelShape, tp: int) -> int:
     return tp if tp > 1 and shape.vocab_size % tp == 0 else 1
 
 
-def stage_parameters(shape: ModelShape, layout: Layout) -> dict[str, float]:
+def stage_parameters(shape: ModelShape, layout: ParallelLayout) -> dict[str, float]:
     """Parameters per card of the first and the last pipeline stage.
 
     Per layer: ``(attention + mlp) / tp + norms`` (RMSNorm weights are replicated over tp).
@@ -503,7 +528,7 @@ def stage_parameters(shape: ModelShape, layout: Layout) -> dict[str, float]:
     return {"first": first, "last": last}
 
 
-def estimate_memory(shape: ModelShape, setup: TrainSetup, layout: Layout) -> MemoryEstimate:
+def estimate_memory(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) -> MemoryEstimate:
     """Memory per card (GB) = model states + activations + :data:`FRAMEWORK_OVERHEAD_GB`.
 
     * model states: :func:`stage_parameters` x :func:`model_state_bytes_per_param` (ZeRO over
@@ -578,12 +603,12 @@ class CostEstimate:
         return out
 
 
-def _bandwidth(layout: Layout, axes: tuple[str, ...], cards_per_node: int) -> float:
+def _bandwidth(layout: ParallelLayout, axes: tuple[str, ...], cards_per_node: int) -> float:
     spans = group_spans_nodes(layout, axes, cards_per_node)
     return INTER_NODE_BYTES_PER_S if spans else INTRA_NODE_BYTES_PER_S
 
 
-def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: Layout) -> CostEstimate:
+def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) -> CostEstimate:
     """A deterministic step-time proxy in seconds (relative units: only comparisons between
     layouts mean something; the constants are :data:`COMPUTE_FLOPS_PER_S`,
     :data:`INTRA_NODE_BYTES_PER_S`, :data:`INTER_NODE_BYTES_PER_S`).
@@ -660,7 +685,7 @@ def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: Layout) -> CostE
 class Candidate:
     """One enumerated layout: impossible (``reasons``), or estimated (``memory``, ``cost``)."""
 
-    layout: Layout
+    layout: ParallelLayout
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     memory: MemoryEstimate | None = None
@@ -739,7 +764,7 @@ def _check_fixed(fixed: Mapping[str, Any] | None) -> dict[str, int]:
     return out
 
 
-def _evaluate(shape: ModelShape, setup: TrainSetup, layout: Layout) -> Candidate:
+def _evaluate(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) -> Candidate:
     reasons = check_layout(shape, setup, layout)
     if reasons:
         return Candidate(layout, reasons=reasons)
@@ -770,10 +795,10 @@ def plan(shape: ModelShape, setup: TrainSetup, fixed: Mapping[str, int] | None =
     pins = _check_fixed(fixed)
     cards = setup.total_cards
     options = {axis: ([pins[axis]] if axis in pins else _divisors(cards)) for axis in DEGREES}
-    layouts = [Layout(*combo) for combo in itertools.product(*(options[a] for a in DEGREES))]
+    layouts = [ParallelLayout(*combo) for combo in itertools.product(*(options[a] for a in DEGREES))]
     layouts = [lay for lay in layouts if lay.world == cards]
     if not layouts:  # the pins alone rule out every layout: judge the pinned degrees, others 1
-        layouts = [Layout(**{a: pins.get(a, 1) for a in DEGREES})]
+        layouts = [ParallelLayout(**{a: pins.get(a, 1) for a in DEGREES})]
     candidates = [_evaluate(shape, setup, lay) for lay in layouts]
     rejected = [c for c in candidates if c.reasons]
     possible = [c for c in candidates if not c.reasons]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamapipe import launch
-
 ASCEND_ENV_SCRIPTS = ("ascend-toolkit/set_env.sh",)
 # export/predict also source ATB's (export_npu.sh, predict_npu.sh: atb/); CANN 8.0.0 images ship
 # it under nnal/atb/: the first that exists is sourced.
@@ -28,12 +26,6 @@ def _args(pairs: list) -> list[str]:
     for name, value in pairs:
         out += [f"--{name}", _flag(value)]
     return out
-
-
-def launch_argv(cfg: dict, script: str, log_dir: str) -> list[str]:
-    """``python -u -m paddle.distributed.launch`` over the visible cards (and nodes): the one
-    launcher builder (``llamapipe.launch``), as the cpu target's several-process sft uses it."""
-    return launch.launch_argv(launch.npu_layout(cfg), [script], log_dir)
 
 
 def finetune_args(cfg: dict, model: str, data_dir: str, output_dir: str) -> list[str]:

@@ -4,7 +4,7 @@ A layout is processes per node (npu: one per visible card; cpu: ``sft.processes`
 ``node_launcher`` says who starts each node's launcher:
 
 - ``local`` (default): this job; with several nodes, all of them on this host under
-  ``llamapipe.local_nodes`` (the stand-in for N nodes: what ``--nnodes/--master`` do on a
+  ``llamapipe.scaleout.local_nodes`` (the stand-in for N nodes: what ``--nnodes/--master`` do on a
   cluster, over 127.0.0.1);
 - ``srun``: inside a SLURM job, ``srun`` starts one launcher per node of the job with
   ``--nnodes $SLURM_NNODES``; the node that runs the job step (SLURM's first node) is the master.
@@ -19,6 +19,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from llamapipe.core.cards import parse_cards
+
 NODE_ID = "@NODE@"  # in argv for local_nodes, which puts each node's index there (no braces: Snakemake formats params)
 SRUN_MASTER_PORT = 36677  # srun without a configured master: <first node>:this
 # What the node running the job step calls its own address: what the launcher compares --master
@@ -27,7 +29,7 @@ SRUN_MASTER_HOST = "$(python3 -c \"print(__import__('socket').gethostbyname(__im
 
 
 @dataclass(frozen=True)
-class Layout:
+class LaunchLayout:
     device: str  # "cpu": --nproc_per_node; otherwise --devices over the visible cards
     procs: int  # processes per node
     nodes: int = 1
@@ -40,21 +42,21 @@ class Layout:
         return self.procs * self.nodes
 
 
-def npu_layout(cfg: dict) -> Layout:
+def npu_layout(cfg: dict) -> LaunchLayout:
     """One process per card in ``devices``, ``npu.nodes`` nodes."""
     npu = cfg["npu"]
-    return Layout(npu["device"], len(str(cfg["devices"]).split(",")), npu.get("nodes", 1), npu.get("master"),
+    return LaunchLayout(npu["device"], len(parse_cards(cfg["devices"])), npu.get("nodes", 1), npu.get("master"),
                   npu.get("ips"), npu.get("node_launcher", "local"))
 
 
-def cpu_layout(cfg: dict) -> Layout:
+def cpu_layout(cfg: dict) -> LaunchLayout:
     """``sft.processes`` per node, ``sft.nodes`` nodes."""
     sft = cfg["sft"]
-    return Layout("cpu", sft.get("processes", 1), sft.get("nodes", 1), sft.get("master"), None,
+    return LaunchLayout("cpu", sft.get("processes", 1), sft.get("nodes", 1), sft.get("master"), None,
                   sft.get("node_launcher", "local"))
 
 
-def layout_of(cfg: dict) -> Layout:
+def layout_of(cfg: dict) -> LaunchLayout:
     return npu_layout(cfg) if cfg["target"] == "npu" else cpu_layout(cfg)
 
 
@@ -64,21 +66,21 @@ def launched(cfg: dict) -> bool:
     return layout.world > 1 or layout.node_launcher == "srun"
 
 
-def by_srun(layout: Layout) -> bool:
+def by_srun(layout: LaunchLayout) -> bool:
     return layout.node_launcher == "srun"
 
 
-def processes_on_one_host(layout: Layout) -> int:
+def processes_on_one_host(layout: LaunchLayout) -> int:
     """How many processes share one host's cores (the local stand-in puts every node here)."""
     return layout.procs * (layout.nodes if layout.node_launcher == "local" else 1)
 
 
-def slurm_nodes(layout: Layout) -> int:
+def slurm_nodes(layout: LaunchLayout) -> int:
     """Nodes the SLURM job must hold: srun starts a launcher on each (local: one host)."""
     return layout.nodes if layout.node_launcher == "srun" else 1
 
 
-def launch_argv(layout: Layout, entry: list[str], log_dir: str) -> list[str]:
+def launch_argv(layout: LaunchLayout, entry: list[str], log_dir: str) -> list[str]:
     """``python -u -m paddle.distributed.launch ... <entry>`` for one node's launcher."""
     argv = ["python", "-u", "-m", "paddle.distributed.launch"]
     if layout.device == "cpu":  # a CPU build has no device labels: --devices raises ValueError
@@ -103,17 +105,17 @@ def launch_argv(layout: Layout, entry: list[str], log_dir: str) -> list[str]:
     return argv + entry
 
 
-def node_command(layout: Layout, launch: list[str]) -> list[str]:
+def node_command(layout: LaunchLayout, launch: list[str]) -> list[str]:
     """How the launch argv starts on every node: as is (one node), under local_nodes, or the
     per-node script srun runs (see ``srun_script``)."""
     if by_srun(layout):
         return ["bash", "-c", shell_line(launch)]
     if layout.nodes == 1:
         return launch
-    return ["python", "-m", "llamapipe.local_nodes", "--nodes", str(layout.nodes), "--", *launch]
+    return ["python", "-m", "llamapipe.scaleout.local_nodes", "--nodes", str(layout.nodes), "--", *launch]
 
 
-def srun_script(layout: Layout, per_node: str, after: list[str]) -> list[str]:
+def srun_script(layout: LaunchLayout, per_node: str, after: list[str]) -> list[str]:
     """The job step's script: the master's address, srun over the allocation's nodes (one task
     each: one launcher per node), then ``after`` (collecting, once). ``per_node`` is the shell
     command each task runs, with ``$SLURM_NODEID``/``$SLURM_NNODES``/``$LLAMAPIPE_MASTER`` unexpanded.

@@ -11,7 +11,7 @@ the first missing output of the stage chain that lies before an existing one the
 depends on, and add it to ``--forcerun``.
 
 3. The rerun after a killed snakemake: its stale lock is cleared when nothing of it is left
-   (``llamapipe.stale_lock``); orphaned jobs still running stop the rerun with their pids.
+   (``llamapipe.snakemake_hooks.stale_lock``); orphaned jobs still running stop the rerun with their pids.
 
 The targets reach the workflow object only after the Snakefile is parsed, so the check wraps
 ``workflow.execute``. It lives in a package module, not a .smk file, so Snakemake does not
@@ -62,7 +62,7 @@ def install_execution_hooks(workflow: Any, chain: list[str], default_target: str
         plugin = kwargs.get("executor_plugin", args[0] if args else None)
         dryrun = getattr(getattr(plugin, "common_settings", None), "dryrun_exec", False)
         if workflow.is_main_process and workflow.execution_settings.lock and not dryrun:
-            from llamapipe import stale_lock
+            from llamapipe.snakemake_hooks import stale_lock
 
             if stale_lock.check(say=lambda line: print(line, flush=True)) == "leftover":
                 # unlocking would let a second run write where the orphans write

@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from llamapipe import config_rules
-from llamapipe.errors import PipelineError
+from llamapipe.config import rules as config_rules
+from llamapipe.core.errors import PipelineError
 
 OVERLAID_SECTIONS = ("sft", "export", "predict")
 
@@ -27,25 +27,21 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def visible_cards(devices: str | None) -> list[int]:
-    return [int(d) for d in devices.split(",")] if devices else []
-
-
 def resolve(config: dict) -> dict:
     """The effective config: the target's overlays applied, every cross-field rule checked
-    (``llamapipe.config_rules``, all problems in one error), then the parallel layout planned."""
+    (``llamapipe.config.rules``, all problems in one error), then the parallel layout planned."""
     cfg = copy.deepcopy(config)
     # a rehearsal of the cpu target has no npu settings to replace: nothing else can be resolved
     _stop_on(config_rules.rehearsal_needs_npu_target(cfg))
     if cfg.get("rehearsal"):
-        from llamapipe import rehearsal
+        from llamapipe.config import rehearsal
 
         rehearsal.apply(cfg)  # the listed differences from a real NPU run, nothing else
     if cfg["target"] == "npu":
         _overlay_npu(cfg)
     _stop_on(config_rules.check(cfg))
     if cfg["target"] == "npu":
-        from llamapipe.parallel_config import apply_plan
+        from llamapipe.config.parallel import apply_plan
 
         # after the rules: its verdict (a layout that cannot fit the cards) is about the layout alone
         apply_plan(cfg)
@@ -68,9 +64,10 @@ def _stop_on(problems: list[str]) -> None:
 
 
 def schema_path() -> str:
+    """workflow/schemas/config.schema.yaml of the checkout this package runs from."""
     import os
 
-    return os.path.join(os.path.dirname(__file__), "..", "..", "workflow", "schemas", "config.schema.yaml")
+    return os.path.join(os.path.dirname(__file__), "..", "..", "..", "workflow", "schemas", "config.schema.yaml")
 
 
 SCALAR_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}

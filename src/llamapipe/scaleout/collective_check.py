@@ -1,9 +1,9 @@
 """The collective smoke test's supervisor (rule ``smoke_collective``, npu target).
 
-    python -m llamapipe.collective_check --timeout 300 --cards 0,1,...,7 --reports DIR \\
+    python -m llamapipe.scaleout.collective_check --timeout 300 --cards 0,1,...,7 --reports DIR \\
         --launch-logs DIR --out results/smoke_collective.json -- python -u -m paddle.distributed.launch ...
 
-Runs the launcher command after ``--`` (built by ``upstream_npu.launch_argv``, as sft's is) under
+Runs the launcher command after ``--`` (built by ``upstream_args.launch_argv``, as sft's is) under
 a timeout, with the environment it was started with, unchanged: sft's. Each rank
 (``llamapipe/stages/smoke_collective.py``) reports the step it is in; when the timeout passes the
 launcher is stopped (it stops its ranks) and the message names the timeout and every rank that did
@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from llamapipe.atomic import write_json
-from llamapipe.errors import PipelineError
+from llamapipe.core.atomic import write_json
+from llamapipe.core.errors import PipelineError
 
 TIMEOUT_KEY = "npu.smoke_timeout_s"
 STOP_GRACE_S = 45.0  # the launcher's own stop on SIGTERM: SIGTERM to each rank, 30 s, then SIGKILL
@@ -203,9 +203,9 @@ def run(launch: list[str], cards: list[str], timeout: float, reports: str, launc
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        sys.exit("usage: python -m llamapipe.collective_check [options] -- <launcher command>")
+        sys.exit("usage: python -m llamapipe.scaleout.collective_check [options] -- <launcher command>")
     cut = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m llamapipe.collective_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.collective_check", description=__doc__.split("\n")[0])
     parser.add_argument("--timeout", type=float, required=True, help=f"seconds ({TIMEOUT_KEY})")
     parser.add_argument("--cards", required=True, help="the host's card ids, comma-separated: one rank each")
     parser.add_argument("--reports", required=True, help="directory of the ranks' report files")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llamapipe.errors import PipelineError
+from llamapipe.core.errors import PipelineError
 
 MERGED_WEIGHTS = "model_state.pdparams"
 # PaddleNLP's own checkpoint-integrity switch: with it the Trainer writes `.checkpoint_done` as the

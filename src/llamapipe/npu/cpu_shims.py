@@ -1,6 +1,6 @@
 """Run one of PaddleNLP's ``llm/`` scripts on CPU with the two work-arounds the rehearsal needs.
 
-    python -m llamapipe.cpu_shims predict/export_model.py --model_name_or_path ...
+    python -m llamapipe.npu.cpu_shims predict/export_model.py --model_name_or_path ...
 
 The NPU run calls the same scripts with plain ``python``; the rehearsal (``rehearsal: cpu``)
 calls them through this module, which patches two upstream CPU bugs and then runs the script
@@ -12,7 +12,7 @@ unchanged as ``__main__`` (``runpy``), so its own argument parsing and code path
 - Paddle Inference's PIR ``inplace_pass`` together with oneDNN breaks the exported decode loop
   on CPU (tokens after the first differ from dygraph): the predictor runs without that pass.
 
-Listed, with reasons, in ``llamapipe.rehearsal.DIFFERENCES``. Python 3.9 compatible: it runs
+Listed, with reasons, in ``llamapipe.config.rehearsal.DIFFERENCES``. Python 3.9 compatible: it runs
 inside the stage image.
 """
 
@@ -49,7 +49,7 @@ def predictor_without_inplace_pass() -> None:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        raise SystemExit("usage: python -m llamapipe.cpu_shims SCRIPT [ARGS...]")
+        raise SystemExit("usage: python -m llamapipe.npu.cpu_shims SCRIPT [ARGS...]")
     greedy_static_export()
     predictor_without_inplace_pass()
     sys.argv = argv  # the script sees exactly the arguments the NPU run passes it

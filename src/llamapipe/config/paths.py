@@ -1,0 +1,76 @@
+"""Every path of a run, project-relative: the rules' inputs and outputs, and what the commands
+and checks name. No other file invents a path (``workflow/rules/common.smk`` reads these)."""
+
+from __future__ import annotations
+
+RESULTS = "results"
+PATHS = {
+    "preflight": f"{RESULTS}/preflight.json",
+    "base_image": f"{RESULTS}/image/base.json",
+    "image_preflight": f"{RESULTS}/image/preflight.json",
+    "plan": f"{RESULTS}/plan.json",
+    "image": f"{RESULTS}/image/npu.json",
+    "wheels": f"{RESULTS}/wheels",
+    "download_cache": "data/downloads",
+    "raw_data": "data/AdvertiseGen",
+    "data": f"{RESULTS}/data",
+    "train": f"{RESULTS}/data/train.json",
+    "dev": f"{RESULTS}/data/dev.json",
+    "base_model": f"{RESULTS}/model/base",
+    "sft": f"{RESULTS}/sft",
+    # Checkpoints live outside every rule's output: Snakemake deletes the outputs of a failed
+    # job, and these are what a rerun resumes from.
+    "sft_checkpoints": f"{RESULTS}/checkpoints/sft",
+    "sft_launch_logs": f"{RESULTS}/logs/sft_launch",
+    # npu: all-reduce + matmul on sft's cards, launched as sft is, before sft
+    "smoke_collective": f"{RESULTS}/smoke_collective.json",
+    "smoke_launch_logs": f"{RESULTS}/logs/smoke_collective_launch",
+    "pretrain_data_cache": f"{RESULTS}/cache/pretrain_data",
+    "merged": f"{RESULTS}/merged",
+    "inference": f"{RESULTS}/inference",
+    "predictions": f"{RESULTS}/predictions.json",
+    "metrics": f"{RESULTS}/metrics.json",
+    "plots": f"{RESULTS}/plots",
+    "report_tables": f"{RESULTS}/report",
+    "provenance": f"{RESULTS}/provenance.json",
+    "manifests": f"{RESULTS}/manifests",
+}
+# containers' PPNLP_HOME (named models downloaded once) and other downloads that outlive a container
+CACHE_DIR = ".cache"
+MODEL_CACHE = f"{CACHE_DIR}/paddlenlp/models"
+
+
+def log_of(rule: str) -> str:
+    return f"{RESULTS}/logs/{rule}.log"
+
+
+def bench_of(rule: str) -> str:
+    return f"{RESULTS}/benchmarks/{rule}.tsv"
+
+
+def manifest_of(rule: str) -> str:
+    return f"{PATHS['manifests']}/{rule}.json"
+
+
+def builds_base_model(cfg: dict) -> bool:
+    """Whether init_model builds the base model sft trains (the ``model:`` section, a tiny LLaMA):
+    always on cpu; on npu when ``npu.model_name_or_path`` names the directory it builds (the
+    rehearsal), and not for a hub name or the user's own weights."""
+    return cfg["target"] != "npu" or (cfg.get("npu") or {}).get("model_name_or_path") == PATHS["base_model"]
+
+
+def image_records(cfg: dict) -> list[str]:
+    """The records of the images this run builds (npu with ``npu.image.build``): base, then stage image."""
+    if cfg["target"] != "npu" or not cfg["npu"]["image"]["build"]:
+        return []
+    return [PATHS["base_image"], PATHS["image"]]
+
+
+def stage_benchmarks(cfg: dict) -> list[str]:
+    """Benchmark files of the stages a run always has (for the per-stage time plot)."""
+    stages = ["preflight", "download_data", "prepare_data", "init_model", "sft", "merge", "export", "predict",
+              "evaluate"]
+    if cfg["target"] == "npu":
+        stages += (["pull_image", "build_image"] if image_records(cfg) else []) + [
+            "preflight_image", "build_ops", "smoke_collective"]
+    return [bench_of(s) for s in stages]
