@@ -198,7 +198,8 @@ def main(argv=None) -> dict:
             "--shipped-inference", str(shipped),
             "--runs", str(runs), "--threads", str(args.threads), "--modes", args.modes, "--batches", args.batches,
             "--settings", json.dumps(cfg["predict"]), *(["--variants", args.variants] if args.variants else []),
-            *(["--upstream-inference", str(Path(args.upstream_inference).resolve())] if args.upstream_inference else []),
+            *(["--upstream-inference", str(Path(args.upstream_inference).resolve())]
+              if args.upstream_inference else []),
         ], C.thread_env(args.threads), work / "logs/inference_worker.log")
     result.update({k: raw[k] for k in ("prompts", "max_new_tokens", "decode_steps_per_batch")})
     table: dict = {}

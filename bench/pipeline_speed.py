@@ -28,7 +28,8 @@ from pathlib import Path
 import _common as C
 
 # warmup and checkpoint cadence inside the 10 steps (llamapipe.config.rules refuses them past it)
-QUICK_OVERLAY = "sft:\n  max_steps: 10\n  warmup_steps: 2\n  save_steps: 10\npredict:\n  limit: 4\n  max_new_tokens: 8\n"
+QUICK_OVERLAY = ("sft:\n  max_steps: 10\n  warmup_steps: 2\n  save_steps: 10\n"
+                 "predict:\n  limit: 4\n  max_new_tokens: 8\n")
 FINISHED = re.compile(r"INFO llamapipe: (\S+) finished in ([\d.]+)s: (.*)$")
 
 

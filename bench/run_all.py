@@ -22,7 +22,8 @@ from pathlib import Path
 
 import _common as C
 
-BENCHMARKS = ("pipeline_speed", "stage_costs", "sft_throughput", "sft_processes", "inference_speed", "prepare_data_scale", "dry_run")
+BENCHMARKS = ("pipeline_speed", "stage_costs", "sft_throughput", "sft_processes", "inference_speed",
+              "prepare_data_scale", "dry_run")
 
 
 def fmt(s: dict, unit: str = "", digits: int = 2, scale: float = 1.0) -> str:
@@ -53,11 +54,12 @@ def table(res: dict) -> str:
                          *((("transformers_part", "PaddleNLP's transformers part only (init_model, export)"),)
                            if "transformers_part" in c["seconds"] else ()),
                          ("trainer_import", "... + `paddlenlp.trainer`"), ("model_load", "... + tiny model load")):
-            rows.append((f"1 | fixed cost: {label}", fmt(c["seconds"][k], " s", 2) + f", {c['max_rss_mib'][k]['median']:.0f} MiB",
-                         ""))
+            rows.append((f"1 | fixed cost: {label}",
+                         fmt(c["seconds"][k], " s", 2) + f", {c['max_rss_mib'][k]['median']:.0f} MiB", ""))
     s = res.get("sft_throughput")
     if s:
-        for k, label in (("stage", "sft stage (Trainer)"), ("paddle", "bare Paddle loop"), ("torch", "PyTorch + transformers")):
+        for k, label in (("stage", "sft stage (Trainer)"), ("paddle", "bare Paddle loop"),
+                         ("torch", "PyTorch + transformers")):
             if k in s["tokens_per_second"]:
                 rows.append((f"2 | SFT tokens/s, {label}", fmt(s["tokens_per_second"][k], "", 0), ""))
         r = s["ratios"]

@@ -6,7 +6,8 @@
 
 Needs root and Debian's SLURM packages (`make system-deps`): it starts the tests' one-node
 cluster (tests/slurm_cluster.py: munged, mariadbd, slurmdbd, slurmctld, slurmd) and stops it at
-the end (`--slurm-conf`: use a running cluster instead, partition `--partition`). Each round runs, in two fresh copies of the project, alternating which goes first,
+the end (`--slurm-conf`: use a running cluster instead, partition `--partition`). Each round runs, \
+in two fresh copies of the project, alternating which goes first,
 
     local: snakemake --cores 2 --configfile config.yaml small.yaml -- results/metrics.json
     slurm: snakemake --profile profiles/slurm --default-resources slurm_partition=cpu runtime=30

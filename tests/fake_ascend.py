@@ -116,7 +116,8 @@ def _script(path: Path, body: str) -> Path:
 
 def npu_smi_info(s: Spec) -> str:
     """``npu-smi info`` as npu-smi 24.1.0 prints it (column widths as in vllm-ascend#336)."""
-    rule, double = "+" + "-" * 27 + "+" + "-" * 15 + "+" + "-" * 52 + "+", "+" + "=" * 27 + "+" + "=" * 15 + "+" + "=" * 52 + "+"
+    rule, double = ("+" + "-" * 27 + "+" + "-" * 15 + "+" + "-" * 52 + "+",
+                    "+" + "=" * 27 + "+" + "=" * 15 + "+" + "=" * 52 + "+")
 
     def row(*cells: str, widths=(27, 15, 52)) -> str:
         return "|" + "|".join(c.ljust(w) for c, w in zip(cells, widths)) + "|"
@@ -227,7 +228,8 @@ def build(root: Path, **changes) -> FakeAscend:
     if s.custom_npu:
         _dist(site, "paddle-custom-npu", s.custom_npu)
         _write(site / "paddle_custom_device/__init__.py", "")
-        _write(site / "paddle_custom_device/npu/__init__.py", f"full_version  = '{s.custom_npu}'\ncann_version  = '{s.cann}'\n")
+        _write(site / "paddle_custom_device/npu/__init__.py",
+               f"full_version  = '{s.custom_npu}'\ncann_version  = '{s.cann}'\n")
         if s.plugin_so:
             _write(site / "paddle_custom_device/libpaddle-custom-npu.so", "\n".join(PLUGIN_NEEDS) + "\n")
     if s.wheel_error:

@@ -298,7 +298,8 @@ def test_llamapipe_preflight_lists_every_failure_and_exits_non_zero(tmp_path, hu
                 env={"DOCKER_HOST": closed_port_url().replace("http://", "tcp://")})
     assert proc.returncode == 2 and not out.exists()
     for line in ("driver: driver 23.0.1 is older than 23.0.3", "cards_idle: processes 4242 (python",
-                 "model: meta-llama/Llama-2-13b is a hub id and this host cannot reach", "engine: cannot reach the Docker engine"):
+                 "model: meta-llama/Llama-2-13b is a hub id and this host cannot reach",
+                 "engine: cannot reach the Docker engine"):
         assert line in proc.stderr, line
     assert "FAIL" in proc.stderr
 

@@ -111,7 +111,8 @@ def test_run_all_table_renders_every_benchmark(tmp_path):
                                           "outside_reported_share", "outside_compute_share")}
         | {"per_stage": {"sft": stage, "predict": stage}},
         "stage_costs": {"seconds": dict.fromkeys(("python", "cli", "paddle_import", "trainer_import", "model_load"), s),
-                        "max_rss_mib": dict.fromkeys(("python", "cli", "paddle_import", "trainer_import", "model_load"), s)},
+                        "max_rss_mib": dict.fromkeys(("python", "cli", "paddle_import", "trainer_import",
+                                                      "model_load"), s)},
         "sft_throughput": {"tokens_per_second": {"stage": s, "paddle": s}, "torch": "not installed",
                            "ratios": {"stage_over_paddle_bare": s}},
         "inference_speed": {"results": {"batch_8": {"static": {"tokens_per_second": s, "identical_tokens": True},
@@ -124,6 +125,6 @@ def test_run_all_table_renders_every_benchmark(tmp_path):
     }
     md = run_all.table(results)
     assert md.count("\n") > 15
-    for text in ("orchestration share", "bare Paddle loop", "2 processes / 1 process", "batch 8, static / dygraph", "`snakemake -n`, npu DAG",
-                 "sft: peak RSS", "not installed"):
+    for text in ("orchestration share", "bare Paddle loop", "2 processes / 1 process", "batch 8, static / dygraph",
+                 "`snakemake -n`, npu DAG", "sft: peak RSS", "not installed"):
         assert text in md

@@ -110,7 +110,8 @@ def test_check_outputs_per_kind(tmp_path):
     with pytest.raises(PipelineError, match="no wheel"):
         collect.check_outputs("wheels", str(tmp_path))
     (tmp_path / "paddlenlp_ops-0.0.0-cp311-cp311-linux_x86_64.whl").write_bytes(b"zip")
-    assert collect.check_outputs("wheels", str(tmp_path))["wheels"] == ["paddlenlp_ops-0.0.0-cp311-cp311-linux_x86_64.whl"]
+    assert (collect.check_outputs("wheels", str(tmp_path))["wheels"]
+            == ["paddlenlp_ops-0.0.0-cp311-cp311-linux_x86_64.whl"])
     export = tmp_path / "inference"
     with pytest.raises(PipelineError, match="wrote no directory"):
         collect.check_outputs("export", str(export))

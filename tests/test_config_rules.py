@@ -170,7 +170,8 @@ def test_decoding_within_upstream_predictors_total_length(tmp_path):
 def test_predict_within_export(tmp_path):
     message = refused(tmp_path, predict={"max_new_tokens": 97})
     assert "predict.max_new_tokens (97) exceeds export.max_new_tokens (96): lengths are baked in at export" in message
-    assert "npu.predict.max_new_tokens (2048)" in refused(tmp_path, target="npu", npu={"predict": {"max_new_tokens": 2048}})
+    assert "npu.predict.max_new_tokens (2048)" in refused(tmp_path, target="npu",
+                                                          npu={"predict": {"max_new_tokens": 2048}})
 
 
 # --- training cadence --------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def test_cpu_dag_in_containers_gives_the_local_predictions(tmp_path, docker_engi
     assert (boxed / "results/predictions.json").read_bytes() == (local / "results/predictions.json").read_bytes()
     from llamapipe.runners.container import project_id
 
-    assert not docker_engine.client.containers.list(all=True, filters={"label": f"llamapipe.project={project_id(str(boxed))}"})
+    assert not docker_engine.client.containers.list(
+        all=True, filters={"label": f"llamapipe.project={project_id(str(boxed))}"})
 
 
 def test_container_overhead_bench_quick(docker_engine, cpu_image, monkeypatch):  # noqa: F811

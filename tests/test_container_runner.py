@@ -440,7 +440,8 @@ def test_cpu_image_runs_paddle_and_the_mounted_project(docker_engine, cpu_image,
     """The CPU stage image carries the pinned stack; the project's code comes from the bind mount."""
     spec = _spec(cpu_image, mounts=[{"source": str(ROOT / "src"), "target": "/project/src", "read_only": True},
                                     {"source": str(tmp_path), "target": "/work", "read_only": False}],
-                 env={"PYTHONPATH": "/project/src", "OMP_NUM_THREADS": "1"}, workdir="/work", user=f"{os.getuid()}:{os.getgid()}")
+                 env={"PYTHONPATH": "/project/src", "OMP_NUM_THREADS": "1"}, workdir="/work",
+                 user=f"{os.getuid()}:{os.getgid()}")
     out = io.BytesIO()
     code = run_in_container(spec, ["python", "-c", "import paddle, llamapipe.core.errors; print(paddle.__version__)"],
                             out=out, client=docker_engine.client)

@@ -323,7 +323,8 @@ def _dev(name: str, kind: bytes) -> tuple[tarfile.TarInfo, None]:
 UNSAFE = {
     "absolute": ([(tarfile.TarInfo("/tmp/evil.json"), b"x")], "/tmp/evil.json", "absolute path"),
     "dotdot": ([(tarfile.TarInfo("AdvertiseGen/../../evil.json"), b"x")], "AdvertiseGen/../../evil.json", "'..'"),
-    "symlink_abs": ([special("AdvertiseGen/passwd", tarfile.SYMTYPE, "/etc/passwd")], "AdvertiseGen/passwd", "/etc/passwd"),
+    "symlink_abs": ([special("AdvertiseGen/passwd", tarfile.SYMTYPE, "/etc/passwd")], "AdvertiseGen/passwd",
+                    "/etc/passwd"),
     "symlink_up": ([special("AdvertiseGen/up", tarfile.SYMTYPE, "../../x")], "AdvertiseGen/up", "outside"),
     "symlink_top_up": ([special("AdvertiseGen/up", tarfile.SYMTYPE, "../x")], "AdvertiseGen/up", "outside"),
     "symlink_chain": ([special("AdvertiseGen/d", tarfile.SYMTYPE, "."),

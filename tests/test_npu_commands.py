@@ -258,7 +258,8 @@ def test_paddles_launcher_puts_one_rank_on_each_card_we_ask_for(monkeypatch, car
     monkeypatch.delenv("NPU_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(launch_device, "get_available_custom_device", lambda: [f"npu:{i}" for i in range(n)])
     dev = launch_device.Device.parse_device()
-    argv = launch.launch_argv(launch.npu_layout({"devices": cards, "npu": {"device": "npu", "nodes": 1}}), ["x.py"], "logs")
+    argv = launch.launch_argv(launch.npu_layout({"devices": cards, "npu": {"device": "npu", "nodes": 1}}),
+                              ["x.py"], "logs")
     ours = argv[argv.index("--devices") + 1]
     assert dev.get_selected_device_key() == "FLAGS_selected_npus"
     assert dev.get_selected_devices(ours) == [str(i) for i in range(n)]

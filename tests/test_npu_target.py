@@ -139,7 +139,8 @@ def test_pretrain_switch_runs_run_pretrain():
                                               "sft_checkpoints": "results/checkpoints/sft",
                                               "sft_launch_logs": "results/logs/sft_launch"}, "/p", ["llamapipe", "sft"])
     argv = shlex.split(shlex.split(cmd)[-1].split("; ")[-2])  # the launch step of the bash -c script
-    assert argv[argv.index("run_pretrain.py") - 2:argv.index("run_pretrain.py")] == ["--log_dir", "/p/results/logs/sft_launch"]
+    assert (argv[argv.index("run_pretrain.py") - 2:argv.index("run_pretrain.py")]
+            == ["--log_dir", "/p/results/logs/sft_launch"])
     opts = dict(zip(argv[argv.index("run_pretrain.py") + 1::2], argv[argv.index("run_pretrain.py") + 2::2]))
     # input_dir is the project's, not relative to the checkout's llm/ where the script runs
     assert opts["--input_dir"] == "/p/data/pre" and opts["--max_seq_length"] == "4096"
@@ -179,7 +180,8 @@ def test_cpu_container_runtime_wraps_our_cli():
     spec = json.loads(argv[3])
     assert spec["image"] == "llamapipe-cpu:test" and spec["devices"] == [] and spec["network"] == "none"
     assert spec["env"]["PYTHONPATH"] == commands.package_src_dir() and spec["env"]["OMP_NUM_THREADS"] == "2"
-    assert {"source": commands.package_src_dir(), "target": commands.package_src_dir(), "read_only": True} in spec["mounts"]
+    assert ({"source": commands.package_src_dir(), "target": commands.package_src_dir(), "read_only": True}
+            in spec["mounts"])
 
 
 def test_layout_that_cannot_fit_stops_before_any_job_with_the_numbers(npu_project):

@@ -193,7 +193,8 @@ def test_report_renders_loss_plot_and_metrics_table_in_a_real_browser(finished_r
         open_result("Training", "results/plots/loss.png")
         page.wait_for_function("Array.from(document.images).some(i => i.src.includes('loss.png'))")
         size = page.evaluate(
-            "Array.from(document.images).filter(i => i.src.includes('loss.png')).map(i => [i.naturalWidth, i.naturalHeight])[0]")
+            "Array.from(document.images).filter(i => i.src.includes('loss.png'))"
+            ".map(i => [i.naturalWidth, i.naturalHeight])[0]")
         assert size[0] >= 400 and size[1] >= 200  # decoded and drawn, not a broken image
 
         open_result("Evaluation", "results/report/metrics.html")

@@ -37,7 +37,8 @@ P = "{project}"
 
 CHECKOUT = os.environ.get(rehearsal.CHECKOUT_ENV)
 needs_checkout = pytest.mark.skipif(
-    not CHECKOUT, reason=f"set {rehearsal.CHECKOUT_ENV}=<PaddleNLP checkout at the pinned commit> to run upstream's scripts")
+    not CHECKOUT,
+    reason=f"set {rehearsal.CHECKOUT_ENV}=<PaddleNLP checkout at the pinned commit> to run upstream's scripts")
 
 # Where a rehearsal command may differ from the NPU one, and the listed key that explains it.
 SFT_SIZES = {"--per_device_train_batch_size", "--gradient_accumulation_steps", "--max_steps", "--learning_rate",
@@ -364,7 +365,8 @@ def test_every_dry_run_command_in_the_readme_runs_as_written(tmp_path):
 # The rehearsal's own values, flag by flag, on top of the NPU tables (what each listed item sets).
 REHEARSAL_SFT = {
     "--device": ("cpu", "npu.device"), "--model_name_or_path": (f"{P}/results/model/base", "npu.model_name_or_path"),
-    "--per_device_train_batch_size": ("8", "npu.sft: the cpu section"), "--gradient_accumulation_steps": ("1", "npu.sft"),
+    "--per_device_train_batch_size": ("8", "npu.sft: the cpu section"),
+    "--gradient_accumulation_steps": ("1", "npu.sft"),
     "--max_steps": ("1000", "npu.sft"), "--learning_rate": ("0.003", "npu.sft"), "--warmup_steps": ("50", "npu.sft"),
     "--save_steps": ("100", "npu.sft"), "--src_length": ("48", "npu.sft"), "--max_length": ("160", "npu.sft"),
     "--bf16": ("false", "npu.sft: float32"), "--fp16_opt_level": ("O1", "npu.fused.fp16_opt_level"),

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", type=_params, default={}, help="the stage's config section as JSON")
         p.add_argument("--threads", type=int, default=1, help="CPU threads (OMP/MKL) for this stage")
         p.add_argument("--seed", type=int, default=42)
-        p.add_argument("--manifest", default=None, help="write the stage manifest (inputs' hashes, versions, times) here")
+        p.add_argument("--manifest", default=None,
+                       help="write the stage manifest (inputs' hashes, versions, times) here")
         for flag, flag_help in paths:
             p.add_argument(flag, required=True, help=flag_help)
         p.set_defaults(handler=handler, path_flags=[flag for flag, _ in paths])

@@ -29,7 +29,8 @@ def _flag(name: str, on: bool) -> str:
 def plan_argv(cfg: dict, pin: bool = True) -> list[str]:
     npu, sft = cfg["npu"], cfg["sft"]
     par = npu["parallel"] if isinstance(npu["parallel"], dict) else AUTO_DEFAULTS
-    model = ["--model-config", npu["model_config"]] if npu.get("model_config") else ["--model", npu["model_name_or_path"]]
+    model = (["--model-config", npu["model_config"]] if npu.get("model_config")
+             else ["--model", npu["model_name_or_path"]])
     argv = model + [
         "--seq-length", str(sft["max_length"]),
         "--micro-batch", str(sft["per_device_train_batch_size"]),

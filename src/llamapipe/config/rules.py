@@ -413,7 +413,8 @@ def launch_layout_keys_match_the_target(cfg: dict) -> list[str]:
         return []
     sft = cfg.get("sft") or {}
     defaults = {"processes": 1, "nodes": 1, "master": None}
-    return [f"sft.{k} ({sft[k]!r}) is the cpu target's; on npu {('one process per card in devices' if k == 'processes' else 'set npu.' + k)}"
+    return [f"sft.{k} ({sft[k]!r}) is the cpu target's; on npu "
+            f"{('one process per card in devices' if k == 'processes' else 'set npu.' + k)}"
             for k, v in defaults.items() if k in sft and sft[k] != v]
 
 

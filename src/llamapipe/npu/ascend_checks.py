@@ -241,7 +241,8 @@ def check_driver(host: Host, ascend_root: str, pairing: dict[str, Any]) -> tuple
                       f"driver (CANN {cann} is paired with {', '.join(listed)}; npu.pairing.drivers)"), facts
     read = f"Version={version}" + (f" Innerversion={info['innerversion']}" if info.get("innerversion") else "")
     if minimum and version_key(version) < version_key(str(minimum)):
-        return record("driver", "host", read, False, f"driver {version} is older than {minimum}, the oldest paired with "
+        return record("driver", "host", read, False,
+                      f"driver {version} is older than {minimum}, the oldest paired with "
                       f"CANN {cann} (error 507033 at the first kernel launch): upgrade the driver and firmware to "
                       f"one of {', '.join(listed)}"), facts
     entry = listed_version(version, listed)
@@ -298,7 +299,8 @@ def check_npu_smi(host: Host, cards: list[int]) -> tuple[Record, dict[str, Any]]
         line = dcmi.group(0) if dcmi else (out.strip().splitlines() or ["no output"])[-1]
         return record("npu_smi", "host", f"{found} info: {line}", False, f"npu-smi info failed ({line}): -8005/-8020 "
                       "mean the cards are held by another process or container, or this user cannot open "
-                      "/dev/davinci_manager (HwHiAiUser group, root): free the cards, check the driver is loaded"), facts
+                      "/dev/davinci_manager (HwHiAiUser group, root): free the cards, "
+                      "check the driver is loaded"), facts
     state = parse_npu_smi(out)
     facts["npu_smi"] = state
     listed = state["cards"]
@@ -323,7 +325,8 @@ def check_cards_idle(state: dict[str, Any] | None, cards: list[int]) -> Record:
     busy = [p for p in state["processes"] if p["npu"] in cards]
     full = {c: state["cards"][c] for c in cards if c in state["cards"] and "hbm_total_mb" in state["cards"][c]
             and state["cards"][c]["hbm_used_mb"] > HBM_IDLE_FRACTION * state["cards"][c]["hbm_total_mb"]}
-    read = ", ".join(f"NPU {c}: {state['cards'][c].get('hbm_used_mb', '?')}/{state['cards'][c].get('hbm_total_mb', '?')} MB"
+    read = ", ".join(f"NPU {c}: {state['cards'][c].get('hbm_used_mb', '?')}/"
+                     f"{state['cards'][c].get('hbm_total_mb', '?')} MB"
                      for c in cards if c in state["cards"])
     if busy or full:
         why = []
@@ -457,7 +460,8 @@ def sourced_env(host: Host, scripts: list[str]) -> tuple[dict[str, str] | None, 
 
 def toolkit_info(host: Host, ascend_root: str) -> tuple[str | None, dict[str, str]]:
     """(the install info's path, its keys) of ascend-toolkit/latest (the path varies by arch)."""
-    for pattern in ("ascend-toolkit/latest/*/ascend_toolkit_install.info", "ascend-toolkit/latest/ascend_toolkit_install.info"):
+    for pattern in ("ascend-toolkit/latest/*/ascend_toolkit_install.info",
+                    "ascend-toolkit/latest/ascend_toolkit_install.info"):
         for path in sorted(glob.glob(os.path.join(host.path(ascend_root), pattern))):
             info = read_kv(_read_file(path))
             if info.get("version"):
@@ -484,7 +488,8 @@ def check_toolkit(host: Host, ascend_root: str, cann: str) -> tuple[Record, dict
                         "paddle-custom-npu built for one fails on the other (undefined symbol); use the base image "
                         "of the pinned set (npu.image.base)")
     if target != version:
-        problems.append(f"ascend-toolkit/latest points at {target}, not {version}: relink it (ln -sfn {version} latest)")
+        problems.append(f"ascend-toolkit/latest points at {target}, not {version}: "
+                        f"relink it (ln -sfn {version} latest)")
     if not set_env:
         problems.append(f"{ascend_root}/ascend-toolkit/set_env.sh missing: the stage scripts source it")
     if problems:
@@ -502,7 +507,8 @@ def check_kernels(host: Host, ascend_root: str, chip: str, toolkit: str | None) 
     rel = f"opp/built-in/op_impl/ai_core/tbe/kernel/{chip}"
     read = f"{rel}: {'present' if os.path.isdir(kernel_dir) else 'missing'}; opp_kernel version_dir={installed}"
     if not os.path.isdir(kernel_dir):
-        return record("kernels", "image", read, False, f"no {rel} under ascend-toolkit/latest: the CANN kernels package "
+        return record("kernels", "image", read, False,
+                      f"no {rel} under ascend-toolkit/latest: the CANN kernels package "
                       f"for {chip} is not installed ('Op Cast does not has any binary', EZ9999): install "
                       f"Ascend-cann-kernels-{chip.replace('ascend', '')}_{toolkit} or use the pinned base image")
     if installed != toolkit:
@@ -534,7 +540,8 @@ def check_atb(host: Host, ascend_root: str, env_scripts: list[str], atb_scripts:
     home = env.get("ATB_HOME_PATH")
     read = f"{found[0]}; ATB_HOME_PATH={home}"
     if not home or not os.path.isdir(home):
-        return record("atb_env", "image", read, False, f"ATB_HOME_PATH is {'not set' if not home else home + ' (missing)'} "
+        return record("atb_env", "image", read, False,
+                      f"ATB_HOME_PATH is {'not set' if not home else home + ' (missing)'} "
                       f"after sourcing {ascend_root}/{found[0]}: reinstall NNAL/ATB for this CANN"), env
     return record("atb_env", "image", read, True, f"{found[0]} sets ATB_HOME_PATH"), env
 
@@ -645,7 +652,8 @@ def check_imports(host: Host, env: dict[str, str] | None, inference_model: bool,
 def check_shm(host: Host, shm_size: str) -> Record:
     rc, out = host.run([host.df, "-k", host.path("/dev/shm")])
     lines = [ln.split() for ln in out.strip().splitlines()]
-    size = int(lines[-1][1]) * 1024 if rc == 0 and len(lines) >= 2 and len(lines[-1]) > 1 and lines[-1][1].isdigit() else None
+    size = (int(lines[-1][1]) * 1024
+            if rc == 0 and len(lines) >= 2 and len(lines[-1]) > 1 and lines[-1][1].isdigit() else None)
     want = size_bytes(shm_size)
     if size is None:
         return record("shm", "image", out.strip()[-200:], False, "cannot read the size of /dev/shm (df -k /dev/shm)")

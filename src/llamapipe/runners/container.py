@@ -84,7 +84,8 @@ class ContainerSpec:
     workdir: str | None = None
     user: str | None = None
     group_add: list[str] = field(default_factory=list)  # supplementary groups, e.g. the davinci nodes' gid
-    pass_env: list[str] = field(default_factory=list)  # copied from the runner's environment at start (srun's per-task vars)
+    # copied from the runner's environment at start (srun's per-task vars)
+    pass_env: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("image", "rule", "project"):
@@ -114,15 +115,19 @@ class ContainerSpec:
         if not isinstance(self.privileged, bool):
             raise PipelineError(f"container spec: privileged must be true or false, got {self.privileged!r}")
         if not isinstance(self.network, str) or not self.network:
-            raise PipelineError(f"container spec: network must be a network name ('none', 'host'), got {self.network!r}")
+            raise PipelineError("container spec: network must be a network name ('none', 'host'), "
+                                f"got {self.network!r}")
         if self.workdir is not None and not (isinstance(self.workdir, str) and self.workdir.startswith("/")):
             raise PipelineError(f"container spec: workdir must be an absolute path, got {self.workdir!r}")
-        if self.user is not None and not (isinstance(self.user, str) and re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", self.user)):
+        if self.user is not None and not (isinstance(self.user, str)
+                                          and re.match(r"^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$", self.user)):
             raise PipelineError(f"container spec: user must be 'uid:gid' (or a name), got {self.user!r}")
         if not isinstance(self.group_add, list) or not all(isinstance(g, str) and re.match(r"^[A-Za-z0-9_.-]+$", g)
                                                             for g in self.group_add):
-            raise PipelineError(f"container spec: group_add must be a list of group ids or names, got {self.group_add!r}")
-        if not isinstance(self.pass_env, list) or not all(isinstance(n, str) and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n)
+            raise PipelineError("container spec: group_add must be a list of group ids or names, "
+                                f"got {self.group_add!r}")
+        if not isinstance(self.pass_env, list) or not all(isinstance(n, str)
+                                                           and re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n)
                                                            for n in self.pass_env):
             raise PipelineError(f"container spec: pass_env must be a list of variable names, got {self.pass_env!r}")
 
@@ -141,7 +146,8 @@ class ContainerSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PipelineError(f"container spec: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise PipelineError(f"container spec: unknown key(s) {', '.join(unknown)} "
+                                f"(known: {', '.join(sorted(known))})")
         missing = [k for k in ("image", "rule", "project") if k not in data]
         if missing:
             raise PipelineError(f"container spec: missing {', '.join(missing)}")

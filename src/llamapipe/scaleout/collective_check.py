@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--" not in argv:
         sys.exit("usage: python -m llamapipe.scaleout.collective_check [options] -- <launcher command>")
     cut = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.collective_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.collective_check",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--timeout", type=float, required=True, help=f"seconds ({TIMEOUT_KEY})")
     parser.add_argument("--cards", required=True, help="the host's card ids, comma-separated: one rank each")
     parser.add_argument("--reports", required=True, help="directory of the ranks' report files")

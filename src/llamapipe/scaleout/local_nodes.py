@@ -80,7 +80,8 @@ def run(nodes: int, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.local_nodes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.scaleout.local_nodes",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then one node's launcher command")
     args = parser.parse_args(argv)

@@ -873,9 +873,9 @@ def format_table(result: PlanResult, top: int = 5) -> str:
     if result.chosen is not None and result.chosen not in rows:
         rows.append(result.chosen)
     head = [
-        f"model: {result.name + ', ' if result.name else ''}hidden {shape.hidden_size}, layers {shape.num_hidden_layers}, heads "
-        f"{shape.num_attention_heads} (kv {shape.num_key_value_heads}), vocab {shape.vocab_size}, "
-        f"ffn {shape.intermediate_size}: {shape.num_parameters() / 1e9:.2f}B parameters",
+        f"model: {result.name + ', ' if result.name else ''}hidden {shape.hidden_size}, "
+        f"layers {shape.num_hidden_layers}, heads {shape.num_attention_heads} (kv {shape.num_key_value_heads}), "
+        f"vocab {shape.vocab_size}, ffn {shape.intermediate_size}: {shape.num_parameters() / 1e9:.2f}B parameters",
         f"cards: {setup.nodes} node(s) x {setup.cards_per_node} = {setup.total_cards}, "
         f"{setup.memory_per_card_gb:g} GB each, usable {setup.usable_gb:.1f} GB ({USABLE_FRACTION:.0%})",
         f"setup: {setup.describe()}",
@@ -891,7 +891,8 @@ def format_table(result: PlanResult, top: int = 5) -> str:
         assert mem is not None and cost is not None
         rank = ranked.index(c) + 1
         table.append([
-            f"*{rank}" if c is result.chosen else str(rank), str(c.layout.tp), str(c.layout.pp), str(c.layout.sharding), str(c.layout.dp),
+            f"*{rank}" if c is result.chosen else str(rank),
+            str(c.layout.tp), str(c.layout.pp), str(c.layout.sharding), str(c.layout.dp),
             f"{mem.params_gb:.1f}", f"{mem.grads_gb:.1f}", f"{mem.optimizer_gb:.1f}",
             f"{mem.activations_gb:.1f}", f"{mem.total_gb:.1f}", "yes" if mem.fits else "no",
             f"{cost.bubble:.1%}", f"{cost.comm_share:.1%}",
@@ -900,7 +901,8 @@ def format_table(result: PlanResult, top: int = 5) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
     lines = head + ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
     lines.append("")
-    lines.append(f"* = chosen; GB per card; total = params + grads + optim + activ + {FRAMEWORK_OVERHEAD_GB:g} GB overhead")
+    lines.append("* = chosen; GB per card; total = params + grads + optim + activ + "
+                 f"{FRAMEWORK_OVERHEAD_GB:g} GB overhead")
     lines.append("bubble = 1F1B idle share; comm = exposed communication share of the step; "
                  "score = modelled time per sample / fastest fitting")
     if result.chosen is not None:

@@ -113,7 +113,8 @@ def run(params: dict[str, Any], merged_dir: str, out_dir: str) -> dict[str, Any]
     cfg = model.config
     graph = params.get("graph", "step")
     if graph == "step":
-        static = paddle.jit.to_static(step_decoder(model), input_spec=step_input_spec(cfg, params["dtype"]), full_graph=True)
+        static = paddle.jit.to_static(step_decoder(model), input_spec=step_input_spec(cfg, params["dtype"]),
+                                      full_graph=True)
     else:
         decoder = greedy_decoder(model, cfg.pad_token_id, cfg.eos_token_id)
         static = paddle.jit.to_static(decoder, input_spec=input_spec(), full_graph=True)

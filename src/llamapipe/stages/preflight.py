@@ -143,7 +143,8 @@ def run(params: dict[str, Any], out_file: str, workdir: str = ".") -> dict[str, 
     problems: list[str] = []
     checks: list[dict] = []
     if free_gib < params["min_free_disk_gb"]:
-        problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, need {params['min_free_disk_gb']}")
+        problems.append(f"only {free_gib:.1f} GiB free in {os.path.abspath(workdir)}, "
+                        f"need {params['min_free_disk_gb']}")
     if params.get("paddlenlp_checkout"):
         checkout_checks(params["paddlenlp_checkout"], report, problems, params.get("paddlenlp_commit"))
     if target == "npu" and params.get("device", "npu") == "npu":
