@@ -12,7 +12,7 @@ unchanged as ``__main__`` (``runpy``), so its own argument parsing and code path
 - Paddle Inference's PIR ``inplace_pass`` together with oneDNN breaks the exported decode loop
   on CPU (tokens after the first differ from dygraph): the predictor runs without that pass.
 
-Listed, with reasons, in ``llamapipe.config.rehearsal.DIFFERENCES``. Python 3.9 compatible: it runs
+Listed, with reasons, in ``llamapipe.config.rehearsal`` (``npu.cpu_shims``). Python 3.9 compatible: it runs
 inside the stage image.
 """
 
