@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 from pathlib import Path
 
@@ -346,20 +345,6 @@ def test_rehearsal_in_the_cpu_stage_image(tmp_path, docker_engine, cpu_image):
     assert {"source": str(checkout), "target": "/opt/PaddleNLP", "read_only": True} in sft.spec["mounts"]
     assert sft.spec["devices"] == [] and sft.spec["image"] == cpu_image
     assert not docker_engine.client.containers.list(all=True, filters={"label": "llamapipe.rule"})
-
-
-def test_every_dry_run_command_in_the_readme_runs_as_written(tmp_path):
-    """The README's snakemake dry-runs (the NPU one failed on Snakemake 9 with its targets after
-    --config), run verbatim in a fresh copy."""
-    from conftest import ROOT
-
-    readme = (ROOT / "README.md").read_text()
-    lines = [ln.split("#")[0].strip() for ln in readme.splitlines() if ln.startswith("snakemake -n")]
-    assert len(lines) >= 2
-    project = copy_project(tmp_path / "project")
-    for line in lines:
-        argv = shlex.split(line)
-        snakemake(project, *argv[1:])
 
 
 # The rehearsal's own values, flag by flag, on top of the NPU tables (what each listed item sets).
