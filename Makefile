@@ -36,8 +36,47 @@ run: setup
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --report results/report.html
 
-dry-run: setup
-	$(BIN)/snakemake -n -p results/predictions.json
+# The DAG and exact commands of every target, the way CI can afford it: `snakemake -n -p` of the
+# default target for config.yaml as is (target cpu), for target=npu, and for the rehearsal
+# (target=npu rehearsal=cpu, LLAMAPIPE_PADDLENLP_SRC unset), in a light venv (.venv-dry: Snakemake
+# and what parsing the workflow imports, envs/dry-run-requirements.txt; no Paddle) and in a fresh
+# copy of the checkout's files (tracked and untracked, not ignored ones): no results/, data/,
+# .cache/ or .snakemake/ there, so every job is listed even where results exist here, and a rule
+# that needs a file only this machine has fails. Fails if any of the three fails.
+# DRY_RUN_CONFIGFILE=my.yaml: the three with that config over config.yaml (--configfile).
+DRY_VENV := .venv-dry
+DRY_RUN_CONFIGFILE ?=
+DRY_RUN_CONFIGS := "" "target=npu" "target=npu rehearsal=cpu"
+
+# Recreated from nothing when a requirement changes: a package left over from an older list
+# would hide a parse-time import the list lacks. Its own .gitignore keeps it out of git.
+$(DRY_VENV)/.installed: envs/dry-run-requirements.txt envs/constraints.txt pyproject.toml
+	rm -rf $(DRY_VENV)
+	$(PYTHON) -m venv $(DRY_VENV)
+	echo '*' > $(DRY_VENV)/.gitignore
+	$(DRY_VENV)/bin/pip install --quiet -r envs/dry-run-requirements.txt -c envs/constraints.txt
+	$(DRY_VENV)/bin/pip install --quiet --no-deps -e .
+	$(DRY_VENV)/bin/pip check
+	touch $@
+
+dry-run: $(DRY_VENV)/.installed
+	@git ls-files >/dev/null || { echo "make dry-run: copies the files git knows: run it in a git checkout" >&2; exit 1; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && mkdir "$$tmp/project" && \
+	git ls-files -z --cached --others --exclude-standard > "$$tmp/files" && \
+	tar --null --ignore-failed-read -T "$$tmp/files" -cf "$$tmp/tree.tar" 2>/dev/null && \
+	tar -xf "$$tmp/tree.tar" -C "$$tmp/project" && \
+	echo "=== make dry-run: in a copy of this checkout's files (its path shown as $(CURDIR))" && \
+	failed= && \
+	for cfg in $(DRY_RUN_CONFIGS); do \
+	  echo "=== make dry-run: snakemake -n -p $${cfg:+--config }$${cfg:-(config.yaml as is: target cpu)}"; \
+	  (cd "$$tmp/project" && env -u LLAMAPIPE_PADDLENLP_SRC $(abspath $(DRY_VENV))/bin/snakemake -n -p \
+	    $(if $(DRY_RUN_CONFIGFILE),--configfile $(abspath $(DRY_RUN_CONFIGFILE))) $${cfg:+--config $$cfg}) \
+	    > "$$tmp/out" 2>&1; rc=$$?; \
+	  sed "s|$$tmp/project|$(CURDIR)|g" "$$tmp/out"; \
+	  [ $$rc -eq 0 ] || failed="$$failed [$${cfg:-config.yaml}]"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "=== make dry-run FAILED:$$failed" >&2; exit 1; fi; \
+	echo "=== make dry-run: all three planned"
 
 test: setup system-deps bench-setup
 	$(BIN)/pytest

@@ -70,6 +70,11 @@ def flags(argv: list[str]) -> dict[str, str | None]:
     return out
 
 
+def sft_only(step: list[str]) -> bool:
+    """The steps of sft's script that smoke_collective's has not: plain logs, the checkpoints prepared."""
+    return step == ["export", "NO_COLOR=1"] or step[:4] == ["python", "-m", "llamapipe.stages.collect", "prepare-sft"]
+
+
 def find_step(cmd: Command, script: str) -> list[str]:
     """The step that runs an upstream script (``python [-m llamapipe.npu.cpu_shims] SCRIPT ...``)."""
     found = [s for s in cmd.steps if script in s]

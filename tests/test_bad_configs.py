@@ -36,6 +36,14 @@ BAD_CONFIGS = [
      ["data.url (file:assets/missing.tar.gz)", "no such file"]),
     ("download source, npu", {"target": "npu", "data": {"url": "https://example.org/datasets/"}},
      ["data.url (https://example.org/datasets/)", "names no file"]),
+    ("schema, all at once", {"seed": "abc", "threads": 0, "sft": {"max_step": 5}},
+     ['seed = "abc": must be a whole number', "threads = 0: must be at least 1",
+      "sft.max_step: unknown key; did you mean sft.max_steps?"]),
+    ("schema, npu overlay", {"target": "npu", "npu": {"sft": {"max_stpes": 5, "warmup_steps": "twenty"}}},
+     ["npu.sft.max_stpes: unknown key; did you mean npu.sft.max_steps?",
+      'npu.sft.warmup_steps = "twenty": must be a whole number']),
+    ("local model, npu", {"target": "npu", "npu": {"model_name_or_path": "/models/my-llama"}},
+     ["npu.model_name_or_path (/models/my-llama)", "set npu.model_config"]),
 ]
 
 

@@ -147,3 +147,118 @@ def test_container_gets_the_device_nodes_group(tmp_path):
     assert spec["devices"][0] == str(tmp_path / "davinci0")
     assert spec["group_add"] == [str(other)]
     assert spec["env"]["HOME"] == "/tmp" and spec["user"] == f"{os.getuid()}:{os.getgid()}"
+
+
+# --- npu: before upstream's trainer starts (it resumes from its output_dir by itself) -------------
+
+
+def _checkpoint(d, step, complete=True):
+    (d / f"checkpoint-{step}").mkdir(parents=True)
+    (d / f"checkpoint-{step}/model_state.pdparams").write_bytes(b"w")
+    if complete:
+        (d / f"checkpoint-{step}/.checkpoint_done").write_bytes(b"")
+
+
+def _upstream_trains(d, steps, final=True):
+    """What run_finetune.py leaves in its output_dir: checkpoints, then (finished) the final save."""
+    for step in steps:
+        _checkpoint(d, step)
+    if final:
+        (d / "config.json").write_text('{"model_type": "llama"}')
+        (d / "model_state.pdparams").write_bytes(b"weights")
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": steps[-1]}))
+
+
+def test_prepare_sft_sets_a_collected_run_aside_so_asking_again_trains_from_scratch(tmp_path, caplog):
+    ckpt = tmp_path / "checkpoints/sft"
+    assert collect.prepare_sft(str(ckpt), 100)["resume_step"] == 0  # the first run
+    _upstream_trains(ckpt, [50, 100])
+    collect.collect_sft(str(ckpt), str(tmp_path / "sft"))
+    assert "run_state.json" not in {p.name for p in (tmp_path / "sft").iterdir()}  # ours, not the model's
+    assert json.loads((ckpt / "run_state.json").read_text()) == {"max_steps": 100, "completed": True,
+                                                                 "global_step": 100}
+    with caplog.at_level("INFO", logger="llamapipe"):
+        logging_to_caplog()
+        again = collect.prepare_sft(str(ckpt), 100)
+    (aside,) = (tmp_path / "checkpoints").glob("sft.stale-*")
+    assert again == {"resume_step": 0, "max_steps": 100, "set_aside": str(aside)}
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-100", "checkpoint-50", "config.json",
+                                                        "model_state.pdparams", "run_state.json",
+                                                        "trainer_state.json"]
+    assert [p.name for p in ckpt.iterdir()] == ["run_state.json"]  # upstream finds no checkpoint: from scratch
+    assert [r.getMessage() for r in caplog.records][-1] == (
+        "training from scratch: 100 steps (upstream's run_finetune.py)")
+    assert "holds a finished run (all 100 of 100 steps done)" in caplog.text
+
+
+def test_prepare_sft_keeps_a_crashed_run_which_upstream_resumes(tmp_path, caplog):
+    ckpt = tmp_path / "sft"
+    collect.prepare_sft(str(ckpt), 100)
+    _upstream_trains(ckpt, [50], final=False)
+    _checkpoint(ckpt, 100, complete=False)  # killed while saving its last checkpoint
+    with caplog.at_level("INFO", logger="llamapipe"):
+        logging_to_caplog()
+        assert collect.prepare_sft(str(ckpt), 100, "run_pretrain.py")["resume_step"] == 50
+    assert not list(tmp_path.glob("sft.stale-*"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming from checkpoint-50 of 100 steps (upstream's run_pretrain.py)"]
+
+
+def test_prepare_sft_resumes_a_finished_run_from_before_run_state_existed(tmp_path, caplog):
+    """The first rerun after the upgrade (the sft command changed) costs no training; the one
+    after it, once collect-sft marked the run completed, trains from scratch."""
+    ckpt = tmp_path / "sft"
+    _upstream_trains(ckpt, [50, 100])
+    with caplog.at_level("INFO", logger="llamapipe"):
+        logging_to_caplog()
+        assert collect.prepare_sft(str(ckpt), 100) == {"resume_step": 100, "max_steps": 100, "set_aside": None}
+    assert caplog.records[-1].getMessage() == ("resuming from checkpoint-100 of 100 steps, none left to train "
+                                               "(upstream's run_finetune.py)")
+    collect.collect_sft(str(ckpt), str(tmp_path / "out"))
+    assert collect.prepare_sft(str(ckpt), 100)["set_aside"]
+
+
+def logging_to_caplog():
+    """Our ``llamapipe`` logger stops propagating once the CLI configured it (another test may have)."""
+    import logging
+
+    logging.getLogger("llamapipe").propagate = True
+
+
+def test_npu_sft_terminal_shows_the_prepare_steps_plan_then_upstreams_progress(tmp_path):
+    """The prepare step as the npu script runs it (its own process), then upstream's loss lines as
+    the launcher prints them: what the sft rule's terminal filter shows."""
+    import subprocess
+    import sys
+
+    from llamapipe.stages.progress import TerminalFilter
+
+    proc = subprocess.run([sys.executable, "-m", "llamapipe.stages.collect", "prepare-sft", "--ckpt-dir",
+                           str(tmp_path / "sft"), "--max-steps", "3"], capture_output=True, text=True, check=True)
+    keep = TerminalFilter()
+    shown = [x for line in (proc.stdout + proc.stderr + WORKER_LOG).splitlines() for x in keep.feed(line)]
+    assert shown[0].endswith("INFO llamapipe.sft: training from scratch: 3 steps (upstream's run_finetune.py)")
+    assert [x.split("llamapipe.sft: ")[1].split(" | ")[:2] for x in shown[1:]] == [
+        ["step 1/3 (33%)", "loss 7.6645"], ["step 3/3 (100%)", "loss 6.5000"]]
+
+
+def test_npu_sft_script_prepares_the_checkpoints_before_the_launcher_and_asks_for_plain_logs(tmp_path):
+    import shlex
+
+    from conftest import ROOT
+    from llamapipe.config import load
+    from llamapipe.config.paths import PATHS
+    from llamapipe.npu import scripts
+    from llamapipe.scaleout import launch
+
+    raw = (ROOT / "config.yaml").read_text().replace("target: cpu", "target: npu")
+    (tmp_path / "config.yaml").write_text(raw)
+    cfg = load(str(tmp_path / "config.yaml"))
+    argv = scripts.sft_script(cfg, PATHS, "/p", launch.layout_of(cfg))
+    steps = argv[2].split("; ")
+    launcher = next(i for i, s in enumerate(steps) if "paddle.distributed.launch" in s)
+    prepare = [i for i, s in enumerate(steps) if "prepare-sft" in s]
+    assert prepare and prepare[0] < launcher and "export NO_COLOR=1" in steps[:launcher]
+    assert shlex.split(steps[prepare[0]]) == [
+        "python", "-m", "llamapipe.stages.collect", "prepare-sft", "--ckpt-dir", "/p/results/checkpoints/sft",
+        "--max-steps", str(cfg["sft"]["max_steps"]), "--script=run_finetune.py"]

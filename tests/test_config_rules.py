@@ -232,8 +232,9 @@ def test_smoke_test_runs_on_every_card_sft_uses(tmp_path):
 
 
 def test_layout_divides_the_cards(tmp_path):
-    message = refused(tmp_path, target="npu", devices="0,1,2,3")
+    message = refused(tmp_path, target="npu", devices="0,1,2,3", npu={"parallel": {"tensor_parallel_degree": 8}})
     assert "npu.parallel: tensor x pipeline x sharding = 8 x 1 x 1 = 8 does not divide the 4 cards" in message
+    assert "fix: LoRA fits" in message and "--config 'sft={lora: true}' 'npu={parallel: auto}'" in message
     assert "devices '0,1,2,3' x npu.nodes 1" in message
 
 
@@ -245,13 +246,31 @@ def test_tensor_parallel_splits_the_heads(tmp_path):
     shape = json.dumps({"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
                         "num_key_value_heads": 2, "intermediate_size": 11008, "num_hidden_layers": 32,
                         "vocab_size": 32000, "max_position_embeddings": 4096})
-    gqa = refused(tmp_path, target="npu", npu={"model_config": shape})
+    gqa = refused(tmp_path, target="npu", npu={"model_config": shape, "parallel": {"tensor_parallel_degree": 8}})
     assert "npu.parallel.tensor_parallel_degree (8) does not divide num_key_value_heads of npu.model_config (2)" in gqa
 
 
 def test_auto_layout_is_left_to_the_planner(tmp_path):
     auto = {"model_name_or_path": "meta-llama/Llama-2-7b", "parallel": "auto"}
     assert problems(tmp_path, target="npu", devices="0,1,2,3", npu=auto) == []
+
+
+def test_a_model_the_layout_check_cannot_read_is_told_to_set_npu_model_config(tmp_path):
+    model = tmp_path / "my-llama"  # a local model directory without its config.json
+    local = refused(tmp_path, target="npu", npu={"model_name_or_path": str(model)})
+    assert f"npu.model_name_or_path ({model}): the layout check needs the model's shape" in local
+    assert "set npu.model_config to the model's config.json" in local and str(model / "config.json") in local
+    hub = refused(tmp_path, target="npu", npu={"model_name_or_path": "org/llama-x"})
+    assert "not a model the layout check knows (meta-llama/Llama-2-7b" in hub and "set npu.model_config" in hub
+    assert "--model-config" not in local + hub  # the planner's CLI flag, not a config key
+
+
+def test_schema_problems_come_first_all_at_once_and_no_rule_reads_an_untyped_value(tmp_path):
+    # npu.sft.max_steps "500" (a quoted string): the schema refuses it before warmup_steps >= max_steps compares
+    found = problems(tmp_path, seed="abc", threads=0, target="npu", npu={"sft": {"max_steps": "500"}})
+    assert found[0].startswith("config: 3 problems")
+    assert found[1:] == ['  - seed = "abc": must be a whole number', "  - threads = 0: must be at least 1",
+                         '  - npu.sft.max_steps = "500": must be a whole number']
 
 
 def test_the_plan_judges_only_a_config_that_passed_the_rules(tmp_path):

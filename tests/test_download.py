@@ -76,7 +76,7 @@ def test_file_url_abs_extracts_and_strips_top_dir(tmp_path):
     data = make_tar(good_members())
     summary = run_file(tmp_path, data)
     out = tmp_path / "data" / "AdvertiseGen"
-    assert sorted(p.name for p in out.iterdir()) == ["dev.json", "train.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["dev.json", download.RECORD, "train.json"]  # the record: ours
     assert (out / "train.json").read_bytes() == GOOD_FILES["train.json"]
     assert summary["files"] == ["dev.json", "train.json"]
     assert summary["sha256"] == sha(data) and summary["bytes"] == len(data)
@@ -86,7 +86,8 @@ def test_file_url_abs_extracts_and_strips_top_dir(tmp_path):
 
 def test_archive_without_top_dir(tmp_path):
     run_file(tmp_path, make_tar(good_members(prefix="")))
-    assert sorted(p.name for p in (tmp_path / "data" / "AdvertiseGen").iterdir()) == ["dev.json", "train.json"]
+    out = tmp_path / "data" / "AdvertiseGen"
+    assert sorted(p.name for p in out.iterdir()) == ["dev.json", download.RECORD, "train.json"]
 
 
 def test_archive_with_dot_slash_names(tmp_path):
@@ -310,6 +311,127 @@ def test_cli_passes_the_bounds_to_run(monkeypatch):
     args.handler(args)
     assert seen["args"] == (params["url"], params["sha256"], "o", "c")
     assert seen["kwargs"] == {"retries": 2, "connect_timeout": 3, "read_timeout": 4.5}
+
+
+# --- trust on first use, and md5s of the extracted files --------------------------------------------
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def published_advertisegen_md5() -> dict[str, str]:
+    """The md5s PaddleNLP's own AdvertiseGen builder publishes (the installed paddlenlp 3.0.0b4 =
+    the pinned commit 4711e147a), read from its source without importing it."""
+    import importlib.util
+
+    builder = Path(importlib.util.find_spec("paddlenlp").origin).parent / "datasets" / "advertisegen.py"
+    found = dict(re.findall(r'os\.path\.join\("(\w+\.json)"\),\s*"([0-9a-f]{32})"', builder.read_text()))
+    assert found == {"train.json": "c0cc79f912099faa6175d28d3ddafafe", "dev.json": "5fda84828628a9722da5436485601df3"}
+    return found
+
+
+def test_http_unpinned_archive_is_trusted_on_first_use_and_verified_once_pinned(tmp_path, caplog):
+    body = make_tar(good_members())
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    caplog.set_level("INFO", logger="llamapipe.download")
+    script = ServerScript(body=body)
+    with serve(script) as base:
+        url = f"{base}/AdvertiseGen.tar.gz"
+        first = download.run(url, None, out, cache, sha256_key="npu.data.sha256")
+        assert first["sha256"] == sha(body) and first["pinned"] is False
+        # the terminal line that pins it, exactly as Snakemake takes it
+        assert f"--config 'npu={{data: {{sha256: {sha(body)}}}}}'" in caplog.text
+        assert f'In config.yaml, in the npu: -> data: section:  sha256: "{sha(body)}"' in caplog.text
+        record = json.loads((tmp_path / "out" / download.RECORD).read_text())
+        assert record["sha256"] == sha(body) and record["pinned"] is False and record["url"] == url
+        assert record["md5"] == {n: md5(d) for n, d in GOOD_FILES.items()}
+
+        caplog.clear()
+        pinned = download.run(url, sha(body), out, cache)  # the pin the first run printed
+        assert pinned["pinned"] is True and "sha256 ok" in caplog.text and "trusted on first use" not in caplog.text
+        assert json.loads((tmp_path / "out" / download.RECORD).read_text())["pinned"] is True
+    assert script.requests == [None]  # the second run verified the cached archive against the pin
+
+    other = make_tar(good_members()[:2] + [(tarfile.TarInfo("AdvertiseGen/dev.json"), b'{"src": "a", "tgt": "b"}\n')])
+    os.unlink(tmp_path / "cache" / "AdvertiseGen.tar.gz")
+    with serve(ServerScript(body=other)) as base:  # the archive changed upstream: the pin catches it
+        with pytest.raises(PipelineError, match=f"sha256 mismatch .* expected {sha(body)}, got {sha(other)}"):
+            download.run(f"{base}/AdvertiseGen.tar.gz", sha(body), out, cache)
+    assert (tmp_path / "out" / "dev.json").read_bytes() == GOOD_FILES["dev.json"]  # the verified data stays
+
+
+def test_unpinned_file_url_is_refused_with_its_sha256(tmp_path):
+    data = make_tar(good_members())
+    path = write_archive(tmp_path, data)
+    with pytest.raises(PipelineError) as e:
+        download.run(path.as_uri(), None, str(tmp_path / "out"), str(tmp_path / "cache"))
+    msg = str(e.value)
+    assert "data.sha256 is null" in msg and "local file" in msg
+    assert f'its sha256 is {sha(data)}; in config.yaml, in the data: section:  sha256: "{sha(data)}"' in msg
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_md5_mismatch_names_each_file_and_keeps_the_previous_extraction(tmp_path):
+    """The brief's fake AdvertiseGen: right names, other content, checked against the md5s PaddleNLP
+    publishes for its builder's train.json/dev.json."""
+    published = published_advertisegen_md5()
+    body = make_tar(good_members())
+    out = tmp_path / "out"
+    with serve(ServerScript(body=body)) as base:
+        download.run(f"{base}/AdvertiseGen.tar.gz", sha(body), str(out), str(tmp_path / "cache"))
+        with pytest.raises(PipelineError) as e:
+            download.run(f"{base}/AdvertiseGen.tar.gz", sha(body), str(out), str(tmp_path / "cache"), md5=published)
+    msg = str(e.value)
+    assert "the extracted files are not the ones data.md5 names" in msg
+    assert f"train.json has md5 {md5(GOOD_FILES['train.json'])}, expected {published['train.json']}" in msg
+    assert f"dev.json has md5 {md5(GOOD_FILES['dev.json'])}, expected {published['dev.json']}" in msg
+    assert f"Nothing was extracted ({out} is as it was)" in msg and "set data.md5" in msg
+    assert (out / "train.json").read_bytes() == GOOD_FILES["train.json"]
+    assert json.loads((out / download.RECORD).read_text())["md5_expected"] is None  # still the first run's
+    assert sorted(os.listdir(tmp_path)) == ["cache", "out"]  # no temp dir left beside it
+
+
+def test_md5_of_the_extracted_files_match(tmp_path):
+    body = make_tar(good_members())
+    given = {n: md5(d).upper() for n, d in GOOD_FILES.items()}  # as md5sum prints them, or upper case
+    with serve(ServerScript(body=body)) as base:
+        summary = download.run(f"{base}/AdvertiseGen.tar.gz", None, str(tmp_path / "out"), str(tmp_path / "cache"),
+                               md5=given)
+    assert summary["md5_verified"] == ["dev.json", "train.json"]
+    record = json.loads((tmp_path / "out" / download.RECORD).read_text())
+    assert record["md5_expected"] == {n: v.lower() for n, v in given.items()} == record["md5"]
+
+
+def test_md5_of_a_file_the_archive_lacks_or_of_a_bad_digest(tmp_path):
+    body = make_tar(good_members())
+    with serve(ServerScript(body=body)) as base:
+        url = f"{base}/AdvertiseGen.tar.gz"
+        with pytest.raises(PipelineError, match=r"test.json is not in the archive \(it holds dev.json, train.json\)"):
+            download.run(url, sha(body), str(tmp_path / "out"), str(tmp_path / "cache"), md5={"test.json": "0" * 32})
+        with pytest.raises(PipelineError, match="md5 of train.json must be 32 hex digits, got 'abc'"):
+            download.run(url, sha(body), str(tmp_path / "out"), str(tmp_path / "cache"), md5={"train.json": "abc"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_archive_member_named_like_the_record_is_refused(tmp_path):
+    data = make_tar(good_members() + [(tarfile.TarInfo(f"AdvertiseGen/{download.RECORD}"), b"{}")])
+    with pytest.raises(PipelineError, match=f"holds a file named {download.RECORD}"):
+        run_file(tmp_path, data)
+    assert not (tmp_path / "data" / "AdvertiseGen").exists()
+
+
+def test_cli_passes_md5_and_the_pin_key_to_run(monkeypatch):
+    from llamapipe import cli
+
+    seen = {}
+    monkeypatch.setattr(download, "run", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    params = {"url": "https://example.org/AdvertiseGen.tar.gz", "sha256": None, "retries": 2,
+              "md5": {"train.json": "0" * 32}, "sha256_key": "npu.data.sha256"}
+    args = cli.build_parser().parse_args(
+        ["download-data", "--params", json.dumps(params), "--out", "o", "--cache-dir", "c"])
+    args.handler(args)
+    assert seen["args"] == (params["url"], None, "o", "c")
+    assert seen["kwargs"] == {"retries": 2, "md5": {"train.json": "0" * 32}, "sha256_key": "npu.data.sha256"}
 
 
 # --- tar safety ----------------------------------------------------------------------------------

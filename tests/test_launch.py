@@ -122,7 +122,9 @@ def test_npu_nodes_under_srun_run_sfts_script_per_node_and_collect_once(tmp_path
     cfg = _cfg(tmp_path, target="npu", npu={"nodes": 2, "node_launcher": "srun"})
     script = shlex.split(commands.stage_command("sft", cfg, PATHS, "/p", SFT_ARGV, threads=8))
     steps = _steps(script[2])
-    srun = steps[5]
+    before, srun = steps[5], steps[6]
+    # a finished run's checkpoints are set aside once, before srun (not by every node)
+    assert before[:3] == ["llamapipe", "container-run", "--spec"] and "prepare-sft" in before[-1]
     assert srun[:6] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                         "--overlap"]
     assert srun[6:9] == ["llamapipe", "container-run", "--spec"]
@@ -133,8 +135,8 @@ def test_npu_nodes_under_srun_run_sfts_script_per_node_and_collect_once(tmp_path
     launch_line = next(s for s in per_node[2].split("; ") if "paddle.distributed.launch" in s)
     assert ('--devices 0,1,2,3,4,5,6,7 --log_dir "/p/results/logs/sft_launch/node$SLURM_NODEID" '
             '--nnodes "$SLURM_NNODES" --master "$LLAMAPIPE_MASTER" run_finetune.py') in launch_line
-    assert "collect-sft" not in per_node[2]  # once, after srun, not on every node
-    after = steps[6]
+    assert "collect-sft" not in per_node[2] and "prepare-sft" not in per_node[2]  # once, not on every node
+    after = steps[7]
     assert after[:3] == ["llamapipe", "container-run", "--spec"] and "collect-sft" in after[-1]
     assert "pass_env" not in json.loads(after[3])
 

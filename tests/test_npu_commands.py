@@ -24,6 +24,7 @@ from npu_commands import (
     launcher,
     parse,
     script_flags,
+    sft_only,
     shell_commands,
 )
 
@@ -198,7 +199,10 @@ def test_sft_is_upstreams_n1c8_script_plus_the_listed_differences(npu_dry):
     assert launch == expected(UPSTREAM_SFT_LAUNCH, OURS_LAUNCH, project)
     assert script_flags(step, "run_finetune.py") == expected(UPSTREAM_SFT, OURS_SFT, project)
     training_env = [["export", f"{k}={v}"] for k, v in sorted(NPU_ENV.items())]  # as the N1C8 script exports
-    assert sft.steps == ASCEND_PRELUDE + CHECKOUT_PRELUDE + training_env + [["export", "FLAG_LLM_PDC=True"], step, [
+    prepare = ["python", "-m", "llamapipe.stages.collect", "prepare-sft", "--ckpt-dir",
+               f"{project}/results/checkpoints/sft", "--max-steps", "100", "--script=run_finetune.py"]
+    assert sft.steps == ASCEND_PRELUDE + CHECKOUT_PRELUDE + training_env + [
+        ["export", "FLAG_LLM_PDC=True"], ["export", "NO_COLOR=1"], prepare, step, [
         "python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", f"{project}/results/checkpoints/sft",
         "--launch-logs", f"{project}/results/logs/sft_launch", "--out", f"{project}/results/sft",
         "--save-total-limit", "2"]]
@@ -212,7 +216,7 @@ def smoke_is_sfts_launch(cmds: dict, project, cards: str) -> dict:
     assert {**smoke.spec, "rule": "sft"} == sft.spec
     sft_step = find_step(sft, "run_finetune.py")
     *env_steps, step = smoke.steps
-    assert env_steps == sft.steps[:sft.steps.index(sft_step)]
+    assert env_steps == [s for s in sft.steps[:sft.steps.index(sft_step)] if not sft_only(s)]
     check, launch_step = collective_check(step)
     logs = SMOKE_LOGS.replace(P, str(project))
     assert check == {"--timeout": "300", "--cards": cards, "--reports": f"{logs}/ranks", "--launch-logs": logs,

@@ -102,7 +102,8 @@ def test_devices_override_maps_cards(npu_project):
 
 
 def test_bad_npu_layout_stops_before_any_job(npu_project):
-    proc = snakemake(npu_project, "-n", "--config", "target=npu", "devices=0,1,2,3", check=False)
+    proc = snakemake(npu_project, "-n", "--config", "target=npu", "devices=0,1,2,3",
+                     "npu={parallel: {tensor_parallel_degree: 8}}", check=False)
     assert proc.returncode != 0
     assert "does not divide" in proc.stdout + proc.stderr
 

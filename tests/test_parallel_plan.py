@@ -27,6 +27,7 @@ from llamapipe.scaleout.planner import (
     layout_notes,
     model_state_bytes_per_param,
     plan,
+    stage_parameters,
     to_json,
 )
 
@@ -351,3 +352,158 @@ def test_add_plan_parser_for_the_main_cli(capsys):
     summary = args.handler(args)
     assert summary["tp"] * summary["pp"] * summary["sharding"] * summary["dp"] == 16
     assert "chosen:" in capsys.readouterr().out
+
+
+# ---- LoRA (issue 21) ---------------------------------------------------------------------------
+
+LORA4 = TrainSetup(cards_per_node=4, lora=True, sharding_stage=0)  # llama_npu_lora_N1C8.sh on 4 cards: rank 32
+
+
+def test_lora_adapter_parameters_by_hand():
+    # rank r on q, k, v, o (h x h), gate, up (h x f), down (f x h): r*(d_in + d_out) each
+    r, h, f = 32, 5120, 13824
+    per_layer = r * ((h + h) * 4 + (h + f) * 3)  # 13b: kv width = h
+    assert per_layer == 32 * 97_792 == 3_129_344
+    assert sum(L13.lora_layer_parameters(32).values()) == per_layer
+    assert L13.num_lora_parameters(32) == 40 * per_layer == 125_173_760
+    # tp 4: column-parallel q, k, v, gate, up keep A (d_in x r) whole and split B; row-parallel o, down the reverse
+    col = r * (h + h / 4) * 3 + r * (h + f / 4) * 2
+    row = r * (h / 4 + h) + r * (f / 4 + h)
+    assert sum(L13.lora_layer_parameters(32, tp=4).values()) == col + row == 1_642_496
+    # GQA (70b): k and v are h x 1024
+    assert L70.lora_layer_parameters(8)["attention"] == 8 * (2 * (8192 + 8192) + 2 * (8192 + 1024))
+
+
+def test_lora_memory_13b_tp4_by_hand():
+    mem = estimate_memory(L13, LORA4, ParallelLayout(4, 1, 1, 1))
+    base = 40 * ((4 * 5120**2 + 3 * 5120 * 13824) / 4 + 2 * 5120) + 2 * 32000 * 5120 / 4 + 5120
+    adapters = 40 * 1_642_496
+    assert mem.params_per_card == pytest.approx(base + adapters)
+    assert mem.trainable_per_card == pytest.approx(adapters)
+    assert mem.params_gb == pytest.approx((base + adapters) * 2 / GB)  # frozen base in bf16, adapters bf16
+    assert mem.grads_gb == pytest.approx(adapters * 4 / GB)  # amp_master_grad: fp32, adapters only
+    assert mem.optimizer_gb == pytest.approx(adapters * 12 / GB)  # master weights + Adam moments, adapters only
+    acts = 40 * 4096 * 2 * 5120 * 34 / 4 + 4 * 4096 * 2 * 32000 / 4  # as without LoRA
+    assert mem.activations_gb == pytest.approx(acts / GB)
+    assert mem.total_gb == pytest.approx(((base + adapters) * 2 + adapters * 16 + acts) / GB + FRAMEWORK_OVERHEAD_GB)
+    assert mem.total_gb == pytest.approx(24.7, abs=0.05) and mem.fits
+    full = estimate_memory(L13, TrainSetup(cards_per_node=4), ParallelLayout(4, 1, 1, 1))
+    assert full.total_gb == pytest.approx(75.6, abs=0.05) and not full.fits  # what LoRA was refused with
+
+
+def test_lora_frozen_base_costs_its_weight_bytes_only():
+    fp32 = estimate_memory(L13, TrainSetup(cards_per_node=4, lora=True, sharding_stage=0, dtype="fp32",
+                                           sequence_parallel=False), ParallelLayout(1, 1, 1, 4))
+    adapters = L13.num_lora_parameters(32)
+    assert fp32.params_gb == pytest.approx((L13.num_parameters() + adapters) * 4 / GB)
+    assert fp32.grads_gb + fp32.optimizer_gb == pytest.approx(adapters * (4 + 8) / GB)  # fp32 Adam
+    # ZeRO stage 3 over 4 shards the frozen weights too; stage 1 only the adapters' optimizer state
+    s3 = estimate_memory(L13, TrainSetup(cards_per_node=4, lora=True, sharding_stage=3, sequence_parallel=False),
+                         ParallelLayout(1, 1, 4, 1))
+    assert s3.params_gb == pytest.approx((L13.num_parameters() + adapters) * 2 / 4 / GB)
+    assert s3.optimizer_gb == pytest.approx(adapters * 12 / 4 / GB)
+
+
+def test_lora_cost_skips_the_frozen_weight_gradients():
+    lay = ParallelLayout(4, 1, 1, 1)
+    n, n_lora, attn = L13.num_parameters(), L13.num_lora_parameters(32), 12 * 40 * 4096 * 5120
+    tokens = 4096 * 2 * 64
+    assert estimate_cost(L13, LORA4, lay).compute_s == pytest.approx(
+        (4 * n + 6 * n_lora + attn) * tokens / 4 / COMPUTE_FLOPS_PER_S)
+    rec = TrainSetup(cards_per_node=4, lora=True, sharding_stage=0, recompute=True)
+    assert estimate_cost(L13, rec, lay).compute_s == pytest.approx(
+        (6 * n + 8 * n_lora + attn * 4 / 3) * tokens / 4 / COMPUTE_FLOPS_PER_S)
+    # data parallel syncs the adapters' gradients only: 2*(2-1)/2 x adapters per card x 4 bytes
+    dp2 = estimate_cost(L13, LORA4, ParallelLayout(2, 1, 1, 2))
+    adapters_tp2 = 40 * sum(L13.lora_layer_parameters(32, tp=2).values())
+    assert dp2.dp_comm_s == pytest.approx(adapters_tp2 * 4 / 100e9)
+    full = estimate_cost(L13, TrainSetup(cards_per_node=4), ParallelLayout(2, 1, 1, 2))
+    base_tp2 = max(stage_parameters(L13, ParallelLayout(2, 1, 1, 2)).values())
+    assert full.dp_comm_s / dp2.dp_comm_s == pytest.approx(base_tp2 / adapters_tp2)  # 76x fewer bytes
+
+
+def test_lora_13b_on_4x64gb_fits_where_full_fine_tuning_does_not():
+    full = plan(L13, TrainSetup(cards_per_node=4))
+    assert full.chosen is None and "75.6 GB" in full.why
+    lora = plan(L13, LORA4, prefer={"tp": 8, "pp": 1, "sharding": 1})
+    assert lora.chosen is not None and lora.chosen.layout == ParallelLayout(4, 1, 1, 1)
+    assert lora.chosen.memory.total_gb == pytest.approx(24.7, abs=0.05)
+    assert lora.preferred_note == "does not fit the 4 cards (8 x 1 x 1 = 8 does not divide 4)"
+    assert "LoRA rank 32 (base frozen)" in format_table(lora)
+    assert all(c.layout.sharding == 1 for c in lora.fitting)  # stage 0: sharding > 1 shards nothing
+
+
+def test_preferred_layout_wins_whenever_it_fits():
+    assert plan(L13, UPSTREAM).chosen.layout == ParallelLayout(8, 1, 1, 1)
+    other = plan(L13, UPSTREAM, prefer={"tp": 4, "pp": 1, "sharding": 2})  # fits (56.1 GB), not the choice
+    assert other.chosen.layout == ParallelLayout(4, 1, 2, 1) and other.preferred_note == ""
+    assert other.why.startswith("the preferred layout (tp 4, pp 1, sharding 2) fits")
+    tiny = plan(L13, TrainSetup(memory_per_card_gb=40), prefer={"tp": 8, "pp": 1, "sharding": 1})
+    assert tiny.preferred_note == "does not fit in memory: it needs 39.1 GB per card, 36.0 GB are usable"
+    gqa = ModelShape.from_dict({**KNOWN_MODELS["meta-llama/Llama-2-7b"], "num_key_value_heads": 2})
+    passed = plan(gqa, UPSTREAM, prefer={"tp": 8, "pp": 1, "sharding": 1})
+    assert passed.preferred_note == "is impossible here: tp 8 does not divide num_key_value_heads 2"
+    assert passed.why.startswith("the preferred tp 8, pp 1, sharding 1 is impossible here")
+    assert json.loads(to_json(passed))["preferred"] == {"tp": 8, "pp": 1, "sharding": 1}
+
+
+def test_cli_lora_options_and_plan_json(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    argv = ["--cards", "4", "--lora", "--lora-rank", "32", "--prefer", "8,1,1", "--expect-layout", "4,1,1",
+            "--out", str(out)]
+    assert plan_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sharding stage 0" in printed and "LoRA rank 32" in printed
+    data = json.loads(out.read_text())
+    assert data["setup"]["lora"] is True and data["setup"]["sharding_stage"] == 0  # upstream's LoRA: no --sharding
+    assert (data["chosen"]["tp"], data["chosen"]["pp"], data["chosen"]["sharding"]) == (4, 1, 1)
+    assert data["run_layout"] == {"tp": 4, "pp": 1, "sharding": 1, "fits": True}
+    assert "does not divide 4" in data["preferred_note"]
+    assert plan_cli.main(["--cards", "4"]) == 2  # full fine-tuning: nothing fits, and --lora is offered
+    assert "--lora" in capsys.readouterr().err
+    args = plan_cli.parse_plan_args(["--lora", "--sharding-stage", "1"])
+    assert plan_cli.plan_from_args(args).setup.sharding_stage == 1  # an explicit stage stands
+
+
+# ---- config -> plan arguments (llamapipe.config.parallel) -------------------------------------
+
+
+def _npu_cfg(tmp_path, monkeypatch, **over):
+    import yaml
+
+    from conftest import ROOT
+    from llamapipe.config import deep_merge, load
+
+    monkeypatch.chdir(ROOT)  # config.yaml's data.url is relative to the project
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(yaml.safe_load((ROOT / "config.yaml").read_text()),
+                                              {"target": "npu", **over})))
+    return load(str(path))
+
+
+def _value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_plan_argv_passes_lora_whenever_sft_lora_is_on(tmp_path, monkeypatch):
+    from llamapipe.config.parallel import plan_argv
+
+    full = plan_argv(_npu_cfg(tmp_path, monkeypatch))
+    assert "--lora" not in full and "--lora-rank" not in full and _value(full, "--sharding-stage") == "1"
+    lora = plan_argv(_npu_cfg(tmp_path, monkeypatch, sft={"lora": True}))
+    assert "--lora" in lora and _value(lora, "--lora-rank") == "32"  # npu.sft.lora_rank, the guide's
+    assert _value(lora, "--sharding-stage") == "0"  # the LoRA command passes no --sharding (as upstream's script)
+    rank8 = plan_argv(_npu_cfg(tmp_path, monkeypatch, sft={"lora": True}, npu={"sft": {"lora_rank": 8}}))
+    assert _value(rank8, "--lora-rank") == "8"
+
+
+def test_plan_argv_pins_a_mapping_and_prefers_the_guide_for_auto(tmp_path, monkeypatch):
+    from llamapipe.config.parallel import plan_argv
+
+    auto = _npu_cfg(tmp_path, monkeypatch, devices="0,1,2,3", sft={"lora": True})  # config.yaml: parallel auto
+    assert auto["npu"]["parallel"]["tensor_parallel_degree"] == 4  # chosen at resolve
+    rule = plan_argv(auto, pin=False)  # the plan rule of an `auto` run
+    assert _value(rule, "--expect-layout") == "4,1,1" and _value(rule, "--prefer") == "8,1,1" and "--tp" not in rule
+    pinned = plan_argv(_npu_cfg(tmp_path, monkeypatch, devices="0,1,2,3", sft={"lora": True},
+                                npu={"parallel": {"tensor_parallel_degree": 2}}))
+    assert pinned[-6:] == ["--tp", "2", "--pp", "1", "--sharding", "1"] and "--prefer" not in pinned

@@ -29,6 +29,7 @@ from npu_commands import (
     collective_check,
     flags,
     parse,
+    sft_only,
     shell_commands,
 )
 
@@ -49,6 +50,7 @@ PLAN = {"--model": "npu.model_config", "--model-config": "npu.model_config", "--
         "--seq-length": "npu.sft", "--micro-batch": "npu.sft", "--grad-acc": "npu.sft", "--dtype": "npu.sft",
         "--sharding-stage": "npu.parallel", "--sequence-parallel": "npu.parallel",
         "--no-sequence-parallel": "npu.parallel", "--tp": "npu.parallel", "--sharding": "npu.parallel",
+        "--expect-layout": "npu.parallel", "--lora-rank": "npu.sft",
         "--flash-attention": "npu.fused.use_flash_attention", "--no-flash-attention": "npu.fused.use_flash_attention"}
 
 
@@ -71,6 +73,8 @@ def explain(loc: tuple, runtime: str = "local") -> str | None:
             return "npu.ascend_env"
         if name.startswith("export GLOO_SOCKET_IFNAME="):
             return "npu.env.GLOO_SOCKET_IFNAME"
+        if name.startswith("python -m llamapipe.stages.collect prepare-sft "):
+            return "npu.sft"  # its --max-steps
         return "npu.inference_model" if name == "python -c import paddlenlp_ops" else None
     if where == "runner":
         return "npu.cpu_shims"
@@ -80,6 +84,8 @@ def explain(loc: tuple, runtime: str = "local") -> str | None:
         return "npu.smoke_devices" if name == "--cards" else None
     if where == "plan":
         return PLAN.get(name)
+    if where == "download-data":  # url, sha256, where the pin goes: the archive
+        return "npu.data"
     if where in ("preflight", "preflight-image", "init-model", "merge", "plots"):  # --params keys and plain flags
         return {"device": "npu.device", "devices": "devices", "runtime": "runtime",
                 "sft_dtype": "npu.sft", "ascend_env": "npu.ascend_env", "inference_model": "npu.inference_model",
@@ -401,7 +407,8 @@ def test_rehearsal_commands_exactly(tmp_path):
     logs = f"{project}/results/logs/smoke_collective_launch"
     assert check["--cards"] == "0,1"  # npu.smoke_devices: two processes, sft runs one
     assert launcher(smoke, SMOKE_SCRIPT) == (head, {"--nproc_per_node": "2", "--log_dir": logs})
-    assert cmds["smoke_collective"].steps[:-1] == cmds["sft"].steps[:cmds["sft"].steps.index(sft)]
+    assert cmds["smoke_collective"].steps[:-1] == [s for s in cmds["sft"].steps[:cmds["sft"].steps.index(sft)]
+                                                   if not sft_only(s)]
 
 
 def test_preflight_refuses_a_checkout_at_another_commit(tmp_path):

@@ -39,7 +39,10 @@ def test_every_rule_takes_its_command_from_the_one_helper():
         calls = re.findall(r"cmd=rule_cmd\(\s*\"(\w+)\"", block)
         assert calls == [name], f"rule {name}: params.cmd must be rule_cmd({name!r}, ...), found {calls}"
         shell = re.search(r"shell:\n(?:\s+#.*\n)*\s+(\".*\")", block)
-        assert shell and shell.group(1) in ('"{params.cmd} > {log} 2>&1"', '"{params.cmd} 2>&1 | tee {log}"'), name
+        assert shell and shell.group(1) in ('"{params.cmd} > {log} 2>&1"', '"{params.cmd} 2>&1 | tee {log}"',
+                                            # sft: progress lines on the terminal (llamapipe.stages.progress)
+                                            '"{params.cmd} 2>&1 | tee {log} | python -m llamapipe.stages.progress"'
+                                            ), name
 
 
 @pytest.mark.parametrize("over", [{}, {"target": "npu"}, {"target": "npu", "rehearsal": "cpu"},

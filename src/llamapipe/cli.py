@@ -83,8 +83,8 @@ def _stage_download_data(a: argparse.Namespace) -> Any:
     from llamapipe.stages import download
 
     p = a.params
-    bounds = {k: p[k] for k in ("retries", "connect_timeout", "read_timeout") if k in p}
-    return download.run(p["url"], p["sha256"], a.out, a.cache_dir, **bounds)
+    given = {k: p[k] for k in ("retries", "connect_timeout", "read_timeout", "md5", "sha256_key") if k in p}
+    return download.run(p["url"], p["sha256"], a.out, a.cache_dir, **given)
 
 
 def _stage_prepare_data(a: argparse.Namespace) -> Any:

@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
+from snakemake.logging import logger
 
 from llamapipe.config.paths import (
     PATHS,
@@ -18,7 +18,8 @@ from llamapipe.config.paths import (
     stage_benchmarks,
 )
 from llamapipe.runners.commands import cards_for, rule_command
-from llamapipe.config import coerce_cli_scalars, resolve as resolve_config
+from llamapipe.config import npu_overrides, resolve as resolve_config
+from llamapipe.config.validation import checked, coerce, config_schema, validate
 from llamapipe.core.errors import PipelineError
 from llamapipe.scaleout.launch import layout_of, slurm_nodes
 from llamapipe.snakemake_hooks.stale_lock import record_owner as record_lock_owner
@@ -29,19 +30,33 @@ envvars:
     "PATH",
 
 
-# `--config 'sft={processes: 2}'`: Snakemake hands nested values over as strings; typed here
-# by the schema before it validates them.
-with open(os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")) as _f:
-    _typed = coerce_cli_scalars(config, yaml.safe_load(_f))
+# config.yaml + --configfile + --config against the schema (llamapipe.config.validation): the
+# strings Snakemake makes of nested --config values ('npu={sft: {max_steps: 500}}') typed by the
+# schema, defaults filled in, every problem listed in one error before any rule reads a value.
+_SCHEMA = config_schema(
+    os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
+)
+try:
+    _checked = checked(coerce(config, _SCHEMA), _SCHEMA)
+except PipelineError as err:
+    raise WorkflowError(str(err))
 config.clear()
-config.update(_typed)
-validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+config.update(_checked)
+# target npu: say which of the user's sft/export/predict values (those that differ from
+# config.yaml's, defaults filled in) npu.<section> overrides.
+with open(os.path.join(workflow.basedir, "config.yaml")) as _f:
+    _shipped, _ = validate(yaml.safe_load(_f), _SCHEMA)
+for _line in npu_overrides(config, _shipped):
+    logger.warning(_line)
 try:
     # The target's overlays applied (npu.sft over sft, ...), then checked again as a whole.
     CFG = resolve_config(config)
 except PipelineError as err:
     raise WorkflowError(f"config: {err}")
-validate(CFG, schema="../schemas/config.schema.yaml")
+try:
+    checked(CFG, _SCHEMA, defaults=False)
+except PipelineError as err:
+    raise WorkflowError(f"the config resolved for target {CFG['target']}: {err}")
 TARGET = CFG["target"]
 # rehearsal=cpu: the npu DAG on this machine's CPU (llamapipe.config.rehearsal lists the differences).
 REHEARSAL = bool(CFG["rehearsal"])

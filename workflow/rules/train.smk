@@ -65,8 +65,10 @@ rule sft:
         nodes=sft_nodes(),
     params:
         cmd=rule_cmd("sft", threads=CFG["threads"]),
+    # the whole output into the log; our own lines (progress: step/total, loss, rate, time left)
+    # also on the terminal. pipefail (Snakemake's bash) keeps the command's exit status.
     shell:
-        "{params.cmd} > {log} 2>&1"
+        "{params.cmd} 2>&1 | tee {log} | python -m llamapipe.stages.progress"
 
 
 rule merge:

@@ -9,12 +9,14 @@ means the same thing on both targets, and the npu section holds what only the NP
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any
 
 from llamapipe.config import rules as config_rules
+from llamapipe.config import validation
+from llamapipe.config.validation import OVERLAID_SECTIONS
 from llamapipe.core.errors import PipelineError
-
-OVERLAID_SECTIONS = ("sft", "export", "predict")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -44,8 +46,27 @@ def resolve(config: dict) -> dict:
         from llamapipe.config.parallel import apply_plan
 
         # after the rules: its verdict (a layout that cannot fit the cards) is about the layout alone
+        _stop_on(_plan_knows_the_model(cfg))
         apply_plan(cfg)
     return cfg
+
+
+def _plan_knows_the_model(cfg: dict) -> list[str]:
+    """The layout check needs the model's shape: a hub model the planner knows, ``npu.model_config``
+    or a local model directory's config.json (the planner's own message would name its CLI flag)."""
+    from llamapipe.config.paths import local_model_dir, model_config_file
+    from llamapipe.scaleout.planner import KNOWN_MODELS
+
+    name = cfg["npu"]["model_name_or_path"]
+    if model_config_file(cfg) or name in KNOWN_MODELS:
+        return []
+    local = local_model_dir(cfg, os.getcwd())
+    where = (f"{os.path.join(local, 'config.json')} does not exist" if local
+             else f"it is not a model the layout check knows ({', '.join(KNOWN_MODELS)})")
+    example = os.path.join(local, "config.json") if local else "/path/to/config.json"
+    return [f"npu.model_name_or_path ({name}): the layout check needs the model's shape and {where}: set "
+            f"npu.model_config to the model's config.json (a path, or the JSON itself), e.g. "
+            f"--config 'npu={{model_config: {example}}}'"]
 
 
 def _overlay_npu(cfg: dict) -> None:
@@ -65,72 +86,48 @@ def _stop_on(problems: list[str]) -> None:
 
 def schema_path() -> str:
     """workflow/schemas/config.schema.yaml of the checkout this package runs from."""
-    import os
-
-    return os.path.join(os.path.dirname(__file__), "..", "..", "..", "workflow", "schemas", "config.schema.yaml")
+    return validation.schema_path()
 
 
-SCALAR_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
-
-
-def coerce_cli_scalars(config: Any, schema: dict, root: dict | None = None) -> Any:
+def coerce_cli_scalars(config: Any, schema: dict) -> Any:
     """Nested values given as ``--config 'sft={processes: 2}'`` reach the config as strings
-    (Snakemake parses them with YAML's BaseLoader): read each such string as YAML where the
-    schema wants a number, boolean or null there. Anything else is left for validation."""
-    import yaml
+    (Snakemake parses them with YAML's BaseLoader): each is typed by the schema at its place, at
+    every depth, npu overlays included (``llamapipe.config.validation.coerce``)."""
+    return validation.coerce(config, validation.with_overlays(schema))
 
-    root = root or schema
-    if "$ref" in schema:  # local refs only ("#/$defs/npu"), as the schema uses
-        node: Any = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            node = node[part]
-        schema = node
-    if isinstance(config, dict):
-        props = schema.get("properties", {})
-        return {k: coerce_cli_scalars(v, props[k], root) if k in props else v for k, v in config.items()}
-    if not isinstance(config, str):
-        return config
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else list(types)
-    wanted = tuple(SCALAR_TYPES[t] for t in types if t in SCALAR_TYPES)
-    if not wanted or "string" in types:
-        return config
-    for read in (int, float, yaml.safe_load):  # float: "3e-3", which YAML 1.1 reads as a string
-        try:
-            value = read(config)
-        except (ValueError, yaml.YAMLError):
-            continue
-        if isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted):
-            return value
-    return config
+
+def npu_overrides(config: dict, defaults: dict) -> list[str]:
+    """On target npu, ``npu.sft`` / ``npu.export`` / ``npu.predict`` overlay the shared sections:
+    a value the user gave in ``sft`` (one that differs from ``defaults``, config.yaml's) under a
+    key the overlay also sets is not used. One line each, naming both keys, their values, which
+    wins and how to set it. The rehearsal empties the overlays (its sections are the cpu ones)."""
+    if config.get("target") != "npu" or config.get("rehearsal"):
+        return []
+    lines = []
+    for section in OVERLAID_SECTIONS:
+        given, shipped = config.get(section) or {}, (defaults.get(section) or {})
+        overlay = (config.get("npu") or {}).get(section) or {}
+        for key, used in overlay.items():
+            if key not in given or given[key] == shipped.get(key) or given[key] == used:
+                continue
+            value = json.dumps(given[key])
+            lines.append(f"{section}.{key} = {value} is not used on target npu: npu.{section}.{key} = "
+                         f"{json.dumps(used)} overlays it and wins. To use {value} on npu, set npu.{section}.{key} "
+                         f"(--config 'npu={{{section}: {{{key}: {value}}}}}')")
+    return lines
 
 
 def load(path: str, schema: str | None = None) -> dict:
-    """config.yaml validated with defaults filled in, as Snakemake's ``validate`` does, then
-    resolved: for tools and tests that work without Snakemake."""
-    import jsonschema
+    """config.yaml validated with defaults filled in, as common.smk does, then resolved: for
+    tools and tests that work without Snakemake."""
     import yaml
 
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f)
-    with open(schema or schema_path(), encoding="utf-8") as f:
-        schema_doc = yaml.safe_load(f)
-    return resolve(validate_with_defaults(raw, schema_doc, jsonschema))
+    return resolve(validation.checked(raw, validation.config_schema(schema)))
 
 
-def validate_with_defaults(config: dict, schema: dict, jsonschema: Any) -> dict:
-    base = jsonschema.Draft202012Validator
-
-    def set_defaults(validator, properties, instance, schema):
-        for name, sub in properties.items():
-            if isinstance(instance, dict) and "default" in sub and name not in instance:
-                instance[name] = copy.deepcopy(sub["default"])
-        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
-
-    filling = jsonschema.validators.extend(base, {"properties": set_defaults})
-    config = copy.deepcopy(config)
-    errors = sorted(filling(schema).iter_errors(config), key=lambda e: list(e.path))
-    if errors:
-        where = "/".join(map(str, errors[0].path)) or "(top level)"
-        raise PipelineError(f"config {where}: {errors[0].message}")
-    return config
+def validate_with_defaults(config: dict, schema: dict, jsonschema: Any = None) -> dict:
+    """``config`` with the schema's defaults filled in; every schema problem in one PipelineError
+    (``llamapipe.config.validation``; ``jsonschema`` is unused, kept for callers)."""
+    return validation.checked(config, validation.with_overlays(schema))

@@ -3,6 +3,9 @@ and checks name. No other file invents a path (``workflow/rules/common.smk`` rea
 
 from __future__ import annotations
 
+import os
+from urllib.parse import unquote, urlparse
+
 RESULTS = "results"
 PATHS = {
     "preflight": f"{RESULTS}/preflight.json",
@@ -74,3 +77,54 @@ def stage_benchmarks(cfg: dict) -> list[str]:
         stages += (["pull_image", "build_image"] if image_records(cfg) else []) + [
             "preflight_image", "build_ops", "smoke_collective"]
     return [bench_of(s) for s in stages]
+
+
+def _is_local_path(name: str, project: str) -> bool:
+    """A model setting that names a directory rather than a hub id ("org/name"): absolute,
+    explicitly relative, the model init_model builds, or a directory that exists in the project."""
+    return (os.path.isabs(name) or name.startswith(("./", "../")) or name == PATHS["base_model"]
+            or os.path.isdir(os.path.join(project, name)))
+
+
+def local_model_dir(cfg: dict, project: str) -> str | None:
+    """``npu.model_name_or_path`` as an absolute host directory when it names one (relative paths
+    are the project's, resolved before any ``cd``), else None (a hub id upstream downloads)."""
+    name = (cfg.get("npu") or {}).get("model_name_or_path")
+    if cfg["target"] != "npu" or not name or not _is_local_path(name, project):
+        return None
+    return os.path.normpath(os.path.join(project, name))
+
+
+def model_config_file(cfg: dict, project: str = ".") -> str | None:
+    """Where the trained model's shape is read at parse time: ``npu.model_config`` (a file or the
+    JSON itself), else the ``config.json`` of a local model directory that has one."""
+    given = (cfg.get("npu") or {}).get("model_config")
+    if given:
+        return given
+    local = local_model_dir(cfg, os.path.abspath(project))
+    config_json = os.path.join(local, "config.json") if local else None
+    return config_json if config_json and os.path.isfile(config_json) else None
+
+
+def file_url_path(url: str) -> str | None:
+    """The local file a ``file:`` URL names (``file:///abs`` or ``file:relative``), else None."""
+    parsed = urlparse(url)
+    if parsed.scheme.lower() != "file":
+        return None
+    return unquote(parsed.path) or None
+
+
+def user_paths(stage: str, cfg: dict, project: str) -> list[str]:
+    """Host paths outside the project that a stage reads: the container of that stage gets each
+    read-only at the same path (the project itself is mounted whole)."""
+    project = os.path.abspath(project)
+    wanted: list[str | None] = []
+    if stage == "download_data":
+        local = file_url_path(cfg["data"]["url"])
+        wanted.append(os.path.join(project, local) if local else None)
+    if stage in ("sft", "merge"):
+        wanted.append(local_model_dir(cfg, project))
+    if stage == "sft" and cfg["target"] == "npu" and cfg["npu"]["pretrain"]["enabled"]:
+        wanted.append(os.path.join(project, cfg["npu"]["pretrain"]["input_dir"]))
+    outside = [os.path.normpath(p) for p in wanted if p]
+    return sorted({p for p in outside if not (p + os.sep).startswith(project.rstrip(os.sep) + os.sep)})

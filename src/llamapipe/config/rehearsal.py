@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from llamapipe.config.paths import PATHS
+from llamapipe.config.paths import PATHS, local_model_dir
 from llamapipe.core.errors import PipelineError
 from llamapipe.npu.checkout import CHECKOUT_ENV, missing_files
 
@@ -41,6 +41,8 @@ class Difference:
 
 def _differences(cfg: dict) -> list[Difference]:
     model_shape = dict(cfg["model"], model_type="llama")
+    # the user's own weights (a directory, e.g. a small model to rehearse with) are rehearsed as given
+    own_model = local_model_dir(cfg, os.getcwd()) not in (None, os.path.abspath(PATHS["base_model"]))
     return [
         Difference("npu.device", "cpu", "no Ascend cards: upstream scripts get --device cpu; the launcher "
                    "starts --nproc_per_node processes (a CPU build has no device labels for --devices), and "
@@ -51,14 +53,19 @@ def _differences(cfg: dict) -> list[Difference]:
                    "not sft's one: with one process its all-reduce sums nothing across ranks"),
         Difference("npu.parallel", PARALLEL_ONE_PROCESS, "one process: no tensor/pipeline/sharding groups, "
                    "so no sequence parallel and no sharding stage"),
+    ] + ([] if own_model else [
         Difference("npu.model_name_or_path", PATHS["base_model"], "the cpu target's tiny LLaMA (built by init_model) "
-                   "stands in for meta-llama/Llama-2-13b: no hub downloads here"),
+                   "stands in for meta-llama/Llama-2-13b: no hub downloads here (a local model directory the "
+                   "user gives is kept)"),
         Difference("npu.model_config", json.dumps(model_shape, sort_keys=True),
                    "the parallel plan checks the tiny model's shape"),
+    ]) + [
         Difference("npu.sft", {}, "sizes and schedule of the cpu target's sft section (float32, src_length/"
                    "max_length within the tiny model's positions, minutes on 2 cores) instead of npu.sft"),
         Difference("npu.export", {}, "the cpu target's export section (float32, its decode length)"),
         Difference("npu.predict", {}, "the cpu target's predict section (batch, decode length)"),
+        Difference("npu.data", {}, "the cpu target's data section: the bundled sample (pinned), not the guide's "
+                   "AdvertiseGen archive (no download from bj.bcebos.com; minutes, not hours, of training)"),
         Difference("npu.fused.fp16_opt_level", "O1", "float32 training: run_finetune.py raises 'Please "
                    "specific dtype: --fp16 or --bf16' with O2 and neither"),
         Difference("npu.fused.use_flash_attention", False, "no CPU kernel for flash attention"),

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
-from llamapipe.config.paths import builds_base_model
+from llamapipe.config.paths import builds_base_model, model_config_file
 from llamapipe.core.cards import parse_cards
 from llamapipe.core.errors import PipelineError
+from llamapipe.core.hashing import sha256_file
 from llamapipe.scaleout.planner import KNOWN_MAX_POSITIONS, KNOWN_MODELS, ModelShape, read_model_config
 
 # max_position_embeddings of the hub models the planner knows (their config.json files).
@@ -29,6 +30,9 @@ from llamapipe.scaleout.planner import KNOWN_MAX_POSITIONS, KNOWN_MODELS, ModelS
 # predictor_args do not pass it, and __post_init__ asserts src_length + max_length <= it.
 UPSTREAM_TOTAL_MAX_LENGTH = 4096
 DOWNLOAD_SCHEMES = ("http", "https", "file")  # what stages/download.py fetches
+ADVERTISEGEN_URL = "https://bj.bcebos.com/paddlenlp/datasets/examples/AdvertiseGen.tar.gz"  # the guide's
+SAMPLE_ARCHIVE = "AdvertiseGen-sample.tar.gz"  # assets/: the cpu target's sample (tools/make_sample_data.py)
+SAMPLE_SHA256 = "9c81849ced26f065f29cd4dae1f1982af4ce5ba9183268b4e3e95c92f8ec18d1"
 IPS_LOOPBACK = "127.0.0.1"  # paddle.distributed.launch: "127.0.0.1 in ips is not allowed in multi-nodes"
 
 
@@ -75,8 +79,8 @@ def model_shape(cfg: dict) -> TrainedShape | None:
     try:
         if builds_base_model(cfg):
             source, data = "model", cfg["model"]
-        elif npu.get("model_config"):
-            source, data = "npu.model_config", read_model_config(npu["model_config"], "npu.model_config")
+        elif model_config_file(cfg):  # npu.model_config, or the config.json of a local model directory
+            source, data = "npu.model_config", read_model_config(model_config_file(cfg), "npu.model_config")
         elif name in KNOWN_MODELS:
             source, data = name, {**KNOWN_MODELS[name], "model_type": "llama",
                                   "max_position_embeddings": KNOWN_MAX_POSITIONS.get(name)}
@@ -360,8 +364,10 @@ def layout_divides_cards(cfg: dict) -> list[str]:
     nodes = _npu(cfg)["nodes"]
     world = len(card_ids(cfg)) * nodes
     if world % (tp * pp * sh):
+        from llamapipe.config.parallel import fix_lines
+
         return [f"npu.parallel: tensor x pipeline x sharding = {tp} x {pp} x {sh} = {tp * pp * sh} does not divide "
-                f"the {world} cards ({_devices_key(cfg)} {cfg['devices']!r} x npu.nodes {nodes})"]
+                f"the {world} cards ({_devices_key(cfg)} {cfg['devices']!r} x npu.nodes {nodes}){fix_lines(cfg)}"]
     return []
 
 
@@ -372,11 +378,16 @@ def tensor_parallel_splits_heads(cfg: dict) -> list[str]:
     if not par or not shape:
         return []
     tp = par["tensor_parallel_degree"]
-    return [f"npu.parallel.tensor_parallel_degree ({tp}) does not divide {shape.key(field)} ({heads}): "
-            f"each card holds whole heads"
-            for field, heads in (("num_attention_heads", shape.shape.num_attention_heads),
-                                 ("num_key_value_heads", shape.shape.num_key_value_heads))
-            if heads % tp]
+    problems = [f"npu.parallel.tensor_parallel_degree ({tp}) does not divide {shape.key(field)} ({heads}): "
+                f"each card holds whole heads"
+                for field, heads in (("num_attention_heads", shape.shape.num_attention_heads),
+                                     ("num_key_value_heads", shape.shape.num_key_value_heads))
+                if heads % tp]
+    if problems and not layout_divides_cards(cfg):  # one set of fixes, under the first layout problem
+        from llamapipe.config.parallel import fix_lines
+
+        problems[-1] += fix_lines(cfg)
+    return problems
 
 
 # --- nodes (both targets: npu.nodes/master/ips, the cpu target's sft.nodes/master) -------------
@@ -549,11 +560,41 @@ def local_archive_exists(cfg: dict) -> list[str]:
 
 
 def sha256_is_hex(cfg: dict) -> list[str]:
-    """The download verifies the archive against 64 hex digits and refuses anything else."""
-    digest = str(cfg["data"]["sha256"]).strip()
+    """The download verifies the archive against 64 hex digits and refuses anything else. null is
+    trust on first use, which only a download has: a file: url is on this host, so it is pinned
+    (the message gives its sha256)."""
+    url, digest, key = cfg["data"]["url"], cfg["data"]["sha256"], _key(cfg, "data.sha256")
+    if digest is None:
+        if _url_scheme(url) != "file":
+            return []
+        path = unquote(urlparse(url).path)
+        try:
+            now = f"its sha256 is {sha256_file(path)}"
+        except OSError:
+            now = f"sha256sum {path} prints it"
+        return [f"{key} is null, but data.url ({url}) is a local file: there is no download to trust on first "
+                f"use, so pin it ({now})"]
+    digest = str(digest).strip()
     if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-        return [f"data.sha256 ({digest!r}) must be 64 hex digits (got {len(digest)} characters)"]
+        return [f"{key} ({digest!r}) must be 64 hex digits (got {len(digest)} characters)"]
     return []
+
+
+def npu_trains_on_real_data(cfg: dict) -> list[str]:
+    """The bundled sample (480 synthetic records, for the cpu target's tests) teaches llama2-13b
+    nothing: on target npu it is refused unless data.allow_sample says so. The rehearsal runs the
+    npu DAG at the cpu target's sizes, on the sample, by design."""
+    data = cfg["data"]
+    if not _on_npu(cfg) or cfg.get("rehearsal") or data.get("allow_sample"):
+        return []
+    url, digest = data["url"], str(data.get("sha256") or "").strip().lower()
+    if posixpath.basename(urlparse(url).path) != SAMPLE_ARCHIVE and digest != SAMPLE_SHA256:
+        return []
+    return [f"{_key(cfg, 'data.url')} ({url}) is the bundled sample: 480 synthetic records written for the "
+            f"cpu target's tests, from which llama2-13b learns nothing. Target npu trains on the guide's archive "
+            f"(config.yaml's npu.data: url {ADVERTISEGEN_URL}, sha256 null until pinned); to train on the sample "
+            f"on purpose (e.g. a first pass through the whole DAG on the cards), set data.allow_sample: true "
+            f"(--config 'data={{allow_sample: true}}')"]
 
 
 Rule = Callable[[dict], "list[str]"]
@@ -587,4 +628,5 @@ RULES: tuple[Rule, ...] = (
     url_names_a_file,
     local_archive_exists,
     sha256_is_hex,
+    npu_trains_on_real_data,
 )

@@ -27,11 +27,22 @@ def _preflight(cfg: dict) -> dict:
     return params
 
 
+def _download(cfg: dict) -> dict:
+    """md5 and sha256_key only when set, so the cpu default's command (a rerun trigger) is unchanged."""
+    data = cfg["data"]
+    params = {k: data[k] for k in ("url", "sha256", "retries", "connect_timeout", "read_timeout")}
+    if data.get("md5"):
+        params["md5"] = data["md5"]
+    if cfg["target"] == "npu" and "sha256" in (cfg["npu"].get("data") or {}):
+        params["sha256_key"] = "npu.data.sha256"  # where the printed pin line puts the hash
+    return params
+
+
 def stage_params(stage: str, cfg: dict) -> dict:
     data = cfg["data"]
     sections = {
         "preflight": lambda: _preflight(cfg),
-        "download_data": lambda: {k: data[k] for k in ("url", "sha256", "retries", "connect_timeout", "read_timeout")},
+        "download_data": lambda: _download(cfg),
         "prepare_data": lambda: {k: data[k] for k in ("on_error", "max_train", "max_dev")},
         # the model init_model builds, or (npu) the named base model it records
         "init_model": lambda: (cfg["model"] if builds_base_model(cfg)

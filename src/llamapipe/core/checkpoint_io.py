@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from llamapipe.core.errors import PipelineError
+
+if TYPE_CHECKING:  # numpy at run time only where arrays are made: the npu scripts read this
+    import numpy as np  # module's constants while Snakemake parses, where only Snakemake is installed
 
 MERGED_WEIGHTS = "model_state.pdparams"
 # PaddleNLP's own checkpoint-integrity switch: with it the Trainer writes `.checkpoint_done` as the
@@ -45,7 +46,9 @@ CONFIG_FIXUP = {
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    import numpy
+
+    return value.numpy() if hasattr(value, "numpy") else numpy.asarray(value)
 
 
 def _load_pdparams(path: Path) -> dict[str, np.ndarray]:

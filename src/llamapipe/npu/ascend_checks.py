@@ -375,6 +375,16 @@ def _model_files(path: str) -> list[str]:
     return missing
 
 
+def _unreadable(path: str) -> list[str]:
+    """Files and directories under ``path`` this process cannot read: the stage containers run
+    as the same uid:gid, so they could not either."""
+    bad = []
+    for root, dirs, files in os.walk(path):
+        bad += [os.path.join(root, d) for d in dirs if not os.access(os.path.join(root, d), os.R_OK | os.X_OK)]
+        bad += [os.path.join(root, f) for f in files if not os.access(os.path.join(root, f), os.R_OK)]
+    return bad
+
+
 def hub_head(url: str, timeout: float) -> tuple[int | None, str]:
     """HTTP status of a HEAD request (None: no answer, with the reason)."""
     try:
@@ -396,6 +406,12 @@ def check_model(host: Host, name: str, cache_dir: str | None = None, built: bool
         if missing:
             return record("model", "host", local, False, f"local model {name} lacks {', '.join(missing)}: copy the "
                           "whole model directory (config.json, tokenizer files, weights)")
+        unreadable = _unreadable(local)
+        if unreadable or not os.access(local, os.R_OK | os.X_OK):
+            more = f" (+{len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
+            shown = ", ".join(unreadable[:3] or [local]) + more
+            return record("model", "host", local, False, f"local model {name}: {shown} not readable by uid "
+                          f"{os.getuid()}, which the stage containers run as: chmod -R a+rX (or chown) it")
         return record("model", "host", local, True, f"local directory {name}: config, tokenizer and weights present")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", name):
         return record("model", "host", name, False, f"npu.model_name_or_path {name} is neither a directory here nor "

@@ -15,6 +15,7 @@ import os
 import shlex
 from typing import Any, Callable
 
+from llamapipe.config.paths import local_model_dir
 from llamapipe.core import checkpoint_io
 from llamapipe.core.cards import parse_cards
 from llamapipe.entrypoints import SMOKE_SCRIPT, package_src_dir
@@ -50,9 +51,9 @@ def _abs(project: str, path: str) -> str:
 
 
 def _model(cfg: dict, paths: dict, project: str) -> str:
-    """The base model upstream loads: a hub name as is, the model init_model built as a path."""
-    name = cfg["npu"]["model_name_or_path"]
-    return _abs(project, name) if name == paths["base_model"] else name
+    """The base model upstream loads: a hub name as is; a directory (the one init_model built, or
+    the user's own weights) as an absolute path, since the scripts run from the checkout's llm/."""
+    return local_model_dir(cfg, project) or cfg["npu"]["model_name_or_path"]
 
 
 def _python(cfg: dict) -> list[str]:
@@ -92,7 +93,14 @@ def training_env(cfg: dict) -> list[str]:
 def sft_script(cfg: dict, paths: dict, project: str, layout: LaunchLayout) -> list[str]:
     """Upstream's training script under the launcher (one node, or the local stand-in for N:
     ``llamapipe.scaleout.local_nodes``), then collect-sft; with srun, the per-node part alone
-    (collect-sft then runs once after srun: ``collect_sft_script``)."""
+    (collect-sft then runs once after srun: ``collect_sft_script``).
+
+    Before the launcher, ``prepare_sft`` (``llamapipe.stages.collect``): upstream's script resumes
+    from its output_dir by itself, so a finished run's checkpoints are moved aside there (asking
+    for sft again trains from scratch; a crashed run resumes), and the plan line it logs lets the
+    rule's terminal filter show upstream's loss lines as progress (with srun it runs once before srun:
+    ``prepare_sft_script``). NO_COLOR: upstream's colorlog
+    writes no colour codes into the worker and rule logs."""
     out = _abs(project, paths["sft_checkpoints"])
     model = _model(cfg, paths, project)
     if cfg["npu"]["pretrain"]["enabled"]:
@@ -102,10 +110,24 @@ def sft_script(cfg: dict, paths: dict, project: str, layout: LaunchLayout) -> li
     else:
         script, args = "run_finetune.py", upstream_args.finetune_args(cfg, model, _abs(project, paths["data"]), out)
     argv_launch = launch.launch_argv(layout, [script], _abs(project, paths["sft_launch_logs"])) + args
+    plain = ["export NO_COLOR=1"]
     if launch.by_srun(layout):
-        return bash_script(cfg, [*training_env(cfg), launch.shell_line(argv_launch)])
+        return bash_script(cfg, [*training_env(cfg), *plain, launch.shell_line(argv_launch)])
     run = launch.node_command(layout, argv_launch)
-    return bash_script(cfg, [*training_env(cfg), shlex.join(run), shlex.join(_collect_sft(cfg, paths, project))])
+    return bash_script(cfg, [*training_env(cfg), *plain, shlex.join(_prepare_sft(cfg, paths, project, script)),
+                             shlex.join(run), shlex.join(_collect_sft(cfg, paths, project))])
+
+
+def prepare_sft_script(cfg: dict, paths: dict, project: str) -> list[str]:
+    """With srun: the prepare step runs once, before srun starts the launchers on every node."""
+    script = "run_pretrain.py" if cfg["npu"]["pretrain"]["enabled"] else "run_finetune.py"
+    return bash_script(cfg, [shlex.join(_prepare_sft(cfg, paths, project, script))])
+
+
+def _prepare_sft(cfg: dict, paths: dict, project: str, script: str) -> list[str]:
+    # --script=NAME, one token: the upstream script's name alone marks the step that runs it
+    return ["python", "-m", "llamapipe.stages.collect", "prepare-sft", "--ckpt-dir",
+            _abs(project, paths["sft_checkpoints"]), "--max-steps", str(cfg["sft"]["max_steps"]), f"--script={script}"]
 
 
 def _collect_sft(cfg: dict, paths: dict, project: str) -> list[str]:

@@ -19,7 +19,7 @@ import os
 import shlex
 
 from llamapipe.config.parallel import plan_argv
-from llamapipe.config.paths import CACHE_DIR, PATHS, image_records, manifest_of, stage_benchmarks
+from llamapipe.config.paths import CACHE_DIR, PATHS, image_records, manifest_of, stage_benchmarks, user_paths
 from llamapipe.config.stage_params import stage_params_json
 from llamapipe.core.cards import parse_cards
 from llamapipe.entrypoints import CLI_SCRIPT, SMOKE_SCRIPT, package_src_dir  # noqa: F401 (tests name them here)
@@ -74,7 +74,9 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1,
             mounts += driver_mounts()
         if npu.get("paddlenlp_mount"):
             mounts.append({"source": npu["paddlenlp_mount"], "target": npu["paddlenlp_dir"], "read_only": True})
-    else:
+    # what the user keeps outside the project (their weights, their data archive), read-only
+    mounts += [{"source": p, "target": p, "read_only": True} for p in user_paths(stage, cfg, project_dir)]
+    if cfg["target"] != "npu":
         box = cfg["container"]
         image, shm, network, privileged = box["image"], box["shm_size"], box["network"], box["privileged"]
         if stage == "sft" and launch.launched(cfg) and network == "none":
@@ -126,6 +128,7 @@ def _sft_command(cfg: dict, paths: dict, project_dir: str, argv: list[str], thre
         node_script = scripts.sft_script(cfg, paths, project, layout)
         if not launch.by_srun(layout):
             return _placed("sft", cfg, project_dir, node_script, threads)
+        before = scripts.prepare_sft_script(cfg, paths, project)
         after = scripts.collect_sft_script(cfg, paths, project)
     else:
         inner = list(argv[1:])
@@ -137,13 +140,14 @@ def _sft_command(cfg: dict, paths: dict, project_dir: str, argv: list[str], thre
         node_script = launch.node_command(layout, launch.launch_argv(layout, entry, paths["sft_launch_logs"]))
         if not launch.by_srun(layout):
             return _placed("sft", cfg, project_dir, node_script, threads)
-        after = None
+        before = after = None
     if cfg["runtime"] == "local":
-        per_node, then = shlex.join(node_script), [shlex.join(after)] if after else []
+        per_node = shlex.join(node_script)
     else:
         per_node = _containerized("sft", cfg, project, node_script, threads, SRUN_TASK_ENV)
-        then = [_containerized("sft", cfg, project, after, threads)] if after else []
-    return shlex.join(launch.srun_script(layout, per_node, then))
+    once_before = [_placed("sft", cfg, project_dir, before, threads)] if before else []
+    once_after = [_placed("sft", cfg, project_dir, after, threads)] if after else []
+    return shlex.join(launch.srun_script(layout, per_node, once_after, once_before))
 
 
 # --- every rule -------------------------------------------------------------------------------

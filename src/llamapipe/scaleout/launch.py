@@ -115,11 +115,11 @@ def node_command(layout: LaunchLayout, launch: list[str]) -> list[str]:
     return ["python", "-m", "llamapipe.scaleout.local_nodes", "--nodes", str(layout.nodes), "--", *launch]
 
 
-def srun_script(layout: LaunchLayout, per_node: str, after: list[str]) -> list[str]:
-    """The job step's script: the master's address, srun over the allocation's nodes (one task
-    each: one launcher per node), then ``after`` (collecting, once). ``per_node`` is the shell
-    command each task runs, with ``$SLURM_NODEID``/``$SLURM_NNODES``/``$LLAMAPIPE_MASTER`` unexpanded.
-    No braces anywhere: Snakemake formats the rule's params as a template."""
+def srun_script(layout: LaunchLayout, per_node: str, after: list[str], before: list[str] = ()) -> list[str]:
+    """The job step's script: the master's address, ``before`` (preparing, once), srun over the
+    allocation's nodes (one task each: one launcher per node), then ``after`` (collecting, once).
+    ``per_node`` is the shell command each task runs, with ``$SLURM_NODEID``/``$SLURM_NNODES``/
+    ``$LLAMAPIPE_MASTER`` unexpanded. No braces anywhere: Snakemake formats the rule's params as a template."""
     master = layout.master or f"{SRUN_MASTER_HOST}:{SRUN_MASTER_PORT}"
     lines = [
         "set -eo pipefail",
@@ -129,6 +129,7 @@ def srun_script(layout: LaunchLayout, per_node: str, after: list[str]) -> list[s
         f'the layout {layout.nodes}: ask for --nodes={layout.nodes}" >&2 && exit 2)',
         f"export LLAMAPIPE_MASTER={master}",
         'echo "sft: $SLURM_NNODES nodes ($SLURM_JOB_NODELIST), master $LLAMAPIPE_MASTER"',
+        *before,
         # --overlap: the rule itself may run inside a step holding the job's CPUs (the jobstep plugin's)
         f"srun --nodes={layout.nodes} --ntasks={layout.nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 --overlap "
         f"{per_node}",

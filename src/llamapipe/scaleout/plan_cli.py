@@ -2,6 +2,7 @@
 
     python -m llamapipe.scaleout.plan_cli --model meta-llama/Llama-2-13b --out results/plan.json
     python -m llamapipe.scaleout.plan_cli --model-config config.json --nodes 2 --tp 8
+    python -m llamapipe.scaleout.plan_cli --cards 4 --lora --lora-rank 32
 
 Defaults are upstream's ``llama_npu_sft_N1C8.sh`` (see :class:`llamapipe.scaleout.planner.TrainSetup`).
 The main CLI adds this as a subcommand with :func:`add_plan_parser`; bad input prints one line and
@@ -53,8 +54,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=defaults.nodes, help="nodes (default %(default)s)")
     p.add_argument("--memory-gb", type=float, default=ASCEND_910B_MEMORY_GB,
                    help="memory per card in GB (910B: %(default)s)")
-    p.add_argument("--sharding-stage", type=int, choices=(0, 1, 2, 3), default=defaults.sharding_stage,
-                   help="ZeRO stage of the sharding group (default %(default)s)")
+    p.add_argument("--sharding-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help=f"ZeRO stage of the sharding group (default {defaults.sharding_stage}; with --lora 0: "
+                        f"upstream's LoRA script runs without --sharding)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
+                   help="LoRA: the base frozen (weights only), adapters trained (weights, gradients, optimizer)")
+    p.add_argument("--lora-rank", type=int, default=defaults.lora_rank,
+                   help="LoRA rank on q, k, v, o, gate, up, down (default %(default)s, llama_npu_lora_N1C8.sh)")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=defaults.recompute,
                    help="full activation recompute (upstream N1C8: off)")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
@@ -74,6 +80,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measured-memory", metavar="PREFLIGHT_JSON", default=None,
                    help="a preflight.json: the HBM per card npu-smi reported there (hbm_gib_per_card, GiB "
                         "counted as GB like the 910B's nominal 64) caps --memory-gb; absent: --memory-gb")
+    p.add_argument("--prefer", metavar="TP,PP,SHARDING", default=None,
+                   help="choose this layout whenever it fits (e.g. the guide's 8,1,1); otherwise the planner's "
+                        "choice, saying why the preferred one was passed over")
     p.add_argument("--expect-layout", metavar="TP,PP,SHARDING", default=None,
                    help="the layout the run was given (parallel: auto, chosen when the workflow was parsed): "
                         "fail unless it fits")
@@ -121,18 +130,29 @@ def _memory_gb(args: argparse.Namespace) -> float:
     return args.memory_gb if measured is None else min(args.memory_gb, measured)
 
 
+def _degrees(option: str, value: str) -> tuple[int, int, int]:
+    try:
+        tp, pp, sharding = (int(x) for x in value.split(","))
+    except ValueError:
+        raise PipelineError(f"{option} {value!r}: expected TP,PP,SHARDING") from None
+    return tp, pp, sharding
+
+
 def plan_from_args(args: argparse.Namespace) -> PlanResult:
     """The plan the arguments describe (no printing): shared by the CLI and config validation."""
     name, shape = _load_shape(args)
+    stage = args.sharding_stage if args.sharding_stage is not None else (0 if args.lora else TrainSetup.sharding_stage)
     setup = TrainSetup(
         seq_length=args.seq_length, micro_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.grad_acc, dtype=args.dtype, master_grad=args.master_grad,
-        recompute=args.recompute, sharding_stage=args.sharding_stage,
+        recompute=args.recompute, sharding_stage=stage,
         sequence_parallel=args.sequence_parallel, flash_attention=args.flash_attention,
         cards_per_node=args.cards, nodes=args.nodes, memory_per_card_gb=_memory_gb(args),
-        tp_overlap=args.tp_overlap, dp_overlap=args.dp_overlap)
+        tp_overlap=args.tp_overlap, dp_overlap=args.dp_overlap, lora=args.lora, lora_rank=args.lora_rank)
     fixed = {k: getattr(args, k) for k in ("tp", "pp", "sharding", "dp") if getattr(args, k) is not None}
-    return plan(shape, setup, fixed, name=name)
+    prefer = getattr(args, "prefer", None)
+    preferred = dict(zip(("tp", "pp", "sharding"), _degrees("--prefer", prefer))) if prefer else None
+    return plan(shape, setup, fixed, name=name, prefer=preferred)
 
 
 def parse_plan_args(argv: list[str]) -> argparse.Namespace:
@@ -155,30 +175,42 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
               f"{found} in {args.measured_memory})")
     result = plan_from_args(args)
     print(format_table(result, top=args.top))
+    expected = _expected(args, result)
     if args.out:
         from llamapipe.core.atomic import atomic_path
 
+        text = to_json(result) if expected is None else json.dumps(
+            {**result.to_dict(), "run_layout": expected}, indent=2, ensure_ascii=False) + "\n"
         with atomic_path(args.out) as tmp:
-            tmp.write_text(to_json(result), encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
     if result.chosen is None:
-        raise PipelineError(f"{result.why}; try --recompute, a higher --sharding-stage, or more cards")
-    if args.expect_layout:
-        _check_expected(args, result, measured)
+        fixes = "--recompute, a higher --sharding-stage, " + ("" if args.lora else "--lora, ")
+        raise PipelineError(f"{result.why}; try {fixes}or more cards")
+    if expected is not None and not expected["fits"]:
+        _refuse_expected(args, result, measured)
     mem = result.chosen.memory
     return {**result.chosen.layout.to_dict(), "total_gb": round(mem.total_gb, 1) if mem else None,
             "out": args.out}
 
 
-def _check_expected(args: argparse.Namespace, result: PlanResult, measured: float | None) -> None:
+def _expected(args: argparse.Namespace, result: PlanResult) -> dict[str, Any] | None:
+    """The layout the run was given (``--expect-layout``), as plan.json records it: its degrees
+    and whether it fits (None without the option)."""
+    if not args.expect_layout:
+        return None
+    tp, pp, sharding = _degrees("--expect-layout", args.expect_layout)
+    fits = any((c.layout.tp, c.layout.pp, c.layout.sharding) == (tp, pp, sharding) for c in result.fitting)
+    return {"tp": tp, "pp": pp, "sharding": sharding, "fits": fits}
+
+
+def _refuse_expected(args: argparse.Namespace, result: PlanResult, measured: float | None) -> None:
     """``parallel: auto`` picks its layout when the workflow is parsed, before preflight measures
     the cards: the run's layout must still fit what was measured."""
-    try:
-        tp, pp, sharding = (int(x) for x in args.expect_layout.split(","))
-    except ValueError:
-        raise PipelineError(f"--expect-layout {args.expect_layout!r}: expected TP,PP,SHARDING") from None
-    if any((c.layout.tp, c.layout.pp, c.layout.sharding) == (tp, pp, sharding) for c in result.fitting):
-        return
+    tp, pp, sharding = _degrees("--expect-layout", args.expect_layout)
     chosen = result.chosen.layout.label() if result.chosen else "none"
+    if measured is None:  # not the preflight's doing: the layout was chosen with other settings
+        raise PipelineError(f"tp {tp}, pp {pp}, sharding {sharding} (--expect-layout) does not fit "
+                            f"{args.memory_gb:g} GB per card with these settings (the planner picks {chosen})")
     raise PipelineError(f"npu.parallel: auto chose tp {tp}, pp {pp}, sharding {sharding} when the workflow was "
                         f"parsed (npu.memory_per_card_gb {args.memory_gb:g}); it does not fit the "
                         f"{measured:g} GiB per card preflight measured: set npu.memory_per_card_gb: {measured:g} "

@@ -198,6 +198,30 @@ class ModelShape:
         vh = self.vocab_size * self.hidden_size
         return vh + self.num_hidden_layers * per_layer + self.hidden_size + vh
 
+    def lora_layer_parameters(self, rank: int, tp: int = 1) -> dict[str, float]:
+        """LoRA adapter parameters of one decoder layer on one card, rank ``r`` on every projection
+        PaddleNLP's LLaMA targets (q, k, v, o, gate, up, down; ``stages/sft.py``
+        ``LORA_TARGET_MODULES``). An adapter of a ``d_in x d_out`` weight is ``A: d_in x r`` and
+        ``B: r x d_out``, ``r*(d_in + d_out)`` parameters. Under tensor parallelism PaddleNLP splits
+        it with its weight (``paddlenlp/peft/lora/lora_layers.py``): a column-parallel projection
+        (q, k, v, gate, up) keeps ``A`` whole and splits ``B`` (``r*d_in + r*d_out/tp``), a
+        row-parallel one (o, down) splits ``A`` and keeps ``B`` whole (``r*d_in/tp + r*d_out``).
+
+        With ``h`` hidden, ``kv`` the key/value width, ``f`` the MLP width, per card:
+        attention ``r*(h + h/t) + 2*r*(h + kv/t) + r*(h/t + h)``, MLP ``2*r*(h + f/t) + r*(f/t + h)``;
+        at ``tp`` 1, ``r*(9h + 2kv + 3f)``. The guide's run fuses q/k/v and gate/up into one
+        projection each (``fuse_attention_qkv``/``fuse_attention_ffn``), whose single ``A`` makes
+        ``r*3h`` fewer parameters: the count here is an upper bound by that much.
+        """
+        h, kv, f, r, t = self.hidden_size, self.num_key_value_heads * self.head_dim, self.intermediate_size, rank, tp
+        attention = r * (h + h / t) + 2 * r * (h + kv / t) + r * (h / t + h)
+        mlp = 2 * r * (h + f / t) + r * (f / t + h)
+        return {"attention": attention, "mlp": mlp}
+
+    def num_lora_parameters(self, rank: int) -> int:
+        """All adapter parameters, ``L * r*(9h + 2kv + 3f)`` (Llama-2-13b, rank 32: 125,173,760)."""
+        return int(round(self.num_hidden_layers * sum(self.lora_layer_parameters(rank).values())))
+
     def to_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -241,6 +265,10 @@ class TrainSetup:
       2 (+ gradients), 3 (+ parameters).
     * ``tp_overlap``/``dp_overlap``: the share of tensor-parallel / sharding+data-parallel
       communication hidden behind compute (see :func:`estimate_cost`).
+    * ``lora``/``lora_rank``: LoRA fine-tuning (``llama_npu_lora_N1C8.sh``: rank 32): the base
+      weights are frozen (no gradients, no optimizer state), rank ``lora_rank`` adapters train
+      (:meth:`ModelShape.lora_layer_parameters`). Upstream's LoRA script runs without
+      ``--sharding``: ``llamapipe plan --lora`` defaults to ``sharding_stage`` 0.
     """
 
     seq_length: int = 4096
@@ -257,18 +285,20 @@ class TrainSetup:
     memory_per_card_gb: float = ASCEND_910B_MEMORY_GB
     tp_overlap: float = MC2_TP_OVERLAP
     dp_overlap: float = 0.0
+    lora: bool = False
+    lora_rank: int = 32
 
     def __post_init__(self) -> None:
         where = "train setup"
         for name in ("seq_length", "micro_batch_size", "gradient_accumulation_steps",
-                     "cards_per_node", "nodes"):
+                     "cards_per_node", "nodes", "lora_rank"):
             _int_field(where, name, getattr(self, name))
         _int_field(where, "sharding_stage", self.sharding_stage, minimum=0)
         if self.sharding_stage > 3:
             raise PipelineError(f"{where}: sharding_stage must be 0, 1, 2 or 3, got {self.sharding_stage}")
         if self.dtype not in DTYPES:
             raise PipelineError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("master_grad", "recompute", "sequence_parallel", "flash_attention"):
+        for name in ("master_grad", "recompute", "sequence_parallel", "flash_attention", "lora"):
             _bool_field(where, name, getattr(self, name))
         mem = self.memory_per_card_gb
         if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not mem > 0:
@@ -298,6 +328,8 @@ class TrainSetup:
                  "sequence parallel" if self.sequence_parallel else "no sequence parallel",
                  "flash attention" if self.flash_attention else "no flash attention",
                  "recompute" if self.recompute else "no recompute"]
+        if self.lora:
+            parts.insert(0, f"LoRA rank {self.lora_rank} (base frozen)")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -474,10 +506,13 @@ def activation_bytes_per_layer(seq_length: int, micro_batch: int, hidden: int, h
 
 @dataclass
 class MemoryEstimate:
-    """Memory one card needs, in GB, for the worst pipeline stage (``stage``)."""
+    """Memory one card needs, in GB, for the worst pipeline stage (``stage``).
+    ``params_per_card`` counts every weight the card holds, ``trainable_per_card`` those that have
+    gradients and optimizer state (all of them, or the LoRA adapters only)."""
 
     stage: str
     params_per_card: float
+    trainable_per_card: float
     params_gb: float
     grads_gb: float
     optimizer_gb: float
@@ -500,6 +535,7 @@ class MemoryEstimate:
         out = {f.name: (round(getattr(self, f.name), 3) if isinstance(getattr(self, f.name), float)
                         else getattr(self, f.name)) for f in fields(self)}
         out["params_per_card"] = int(round(self.params_per_card))
+        out["trainable_per_card"] = int(round(self.trainable_per_card))
         out["fits"] = self.fits
         return out
 
@@ -528,11 +564,24 @@ def stage_parameters(shape: ModelShape, layout: ParallelLayout) -> dict[str, flo
     return {"first": first, "last": last}
 
 
+def stage_lora_parameters(shape: ModelShape, layout: ParallelLayout, rank: int) -> float:
+    """LoRA adapter parameters per card of any pipeline stage: ``num_hidden_layers / pp`` layers of
+    :meth:`ModelShape.lora_layer_parameters` (embeddings, norms and the lm head have none)."""
+    return shape.num_hidden_layers / layout.pp * sum(shape.lora_layer_parameters(rank, layout.tp).values())
+
+
 def estimate_memory(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) -> MemoryEstimate:
     """Memory per card (GB) = model states + activations + :data:`FRAMEWORK_OVERHEAD_GB`.
 
     * model states: :func:`stage_parameters` x :func:`model_state_bytes_per_param` (ZeRO over
       the ``sharding`` degree; dp replicas hold full copies);
+    * LoRA (``setup.lora``): the frozen base weights cost only their weight bytes (the compute
+      dtype, 2 bytes in bf16/fp16, 4 in fp32; ZeRO stage 3 shards them too): no gradient, no
+      optimizer state (AMP O2 makes master weights for the parameters the optimizer updates
+      only). The adapters (:func:`stage_lora_parameters`) cost weights + gradients + optimizer
+      like any trained parameter. Activations are counted as without LoRA: backward still needs
+      every layer's inputs to pass the gradient down to the adapters (the adapters' own rank-``r``
+      intermediates are ``r/h`` of a layer input, left out);
     * activations: ``layers_per_stage`` x :func:`activation_bytes_per_layer` x micro-batches in
       flight. 1F1B pipelining keeps up to ``pp`` micro-batches in flight on the first stage
       (Narayanan et al. 2021, §2.2.1), so the first stage holds ``min(pp, grad_acc)`` and the
@@ -559,14 +608,18 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout
     logits = 4.0 * s * b * shape.vocab_size / _vocab_split(shape, layout.tp)
     in_flight = {"first": min(layout.pp, setup.gradient_accumulation_steps), "last": 1}
     params = stage_parameters(shape, layout)
+    adapters = stage_lora_parameters(shape, layout, setup.lora_rank) if setup.lora else 0.0
     estimates = []
     for name in ("first", "last") if layout.pp > 1 else ("first",):
         act = stored * in_flight[name] + working + (logits if name == "last" or layout.pp == 1 else 0.0)
-        p = params[name]
-        parts = {key: p * per_param[key] / GB for key in ("params", "grads", "optimizer")}
+        p = params[name] + adapters
+        trainable = adapters if setup.lora else p
+        parts = {"params": p * per_param["params"] / GB, "grads": trainable * per_param["grads"] / GB,
+                 "optimizer": trainable * per_param["optimizer"] / GB}
         total = sum(parts.values()) + act / GB + FRAMEWORK_OVERHEAD_GB
         estimates.append(MemoryEstimate(
-            stage=name if layout.pp > 1 else "only", params_per_card=p, params_gb=parts["params"],
+            stage=name if layout.pp > 1 else "only", params_per_card=p, trainable_per_card=trainable,
+            params_gb=parts["params"],
             grads_gb=parts["grads"], optimizer_gb=parts["optimizer"], activations_gb=act / GB,
             overhead_gb=FRAMEWORK_OVERHEAD_GB, total_gb=total,
             capacity_gb=float(setup.memory_per_card_gb), usable_gb=setup.usable_gb))
@@ -618,7 +671,10 @@ def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) 
 
     * compute: ``6*N + 12*L*s*h`` FLOPs per token (Kaplan et al. 2020's ``6N`` plus the attention
       score/context matmuls, Narayanan et al. 2021, eq. 3); full recompute repeats the forward,
-      x4/3. A card does ``1/(t*p)`` of its replica's ``s*b*m`` tokens per step.
+      x4/3. A card does ``1/(t*p)`` of its replica's ``s*b*m`` tokens per step. LoRA: a frozen
+      weight costs ``4`` FLOPs per token, not 6 (forward, and the input gradient backward needs;
+      no weight gradient), the ``N_lora`` adapter weights 6: ``4*N + 6*N_lora + 12*L*s*h``;
+      recompute adds a forward, ``2*(N + N_lora) + 4*L*s*h`` (which is the x4/3 above without LoRA).
     * pipeline bubble of 1F1B: ``(p-1)/(p-1+m)``; the busy time is ``compute / (1 - bubble)``.
     * tensor parallel: 4 all-reduce-sized collectives per layer and micro-batch (2 forward,
       2 backward; with sequence parallel each is a reduce-scatter + all-gather pair, the same
@@ -629,9 +685,9 @@ def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) 
     * pipeline p2p: each micro-batch sends its activations forward and their gradient back,
       ``2*s*b*h*e`` bytes (``/t`` with sequence parallel), not overlapped.
     * sharding + data parallel gradient sync over ``n = n_s*d`` cards: ``2*(n-1)/n`` x the card's
-      gradient bytes once per step (ring all-reduce, or reduce-scatter + all-gather under ZeRO;
-      same volume); ZeRO stage 3 also all-gathers the weights in forward and backward of every
-      micro-batch, ``2*(n_s-1)/n_s*param_bytes*m``. Exposed share: ``1 - dp_overlap`` (default
+      gradient bytes (LoRA: the adapters' only) once per step (ring all-reduce, or reduce-scatter
+      + all-gather under ZeRO; same volume); ZeRO stage 3 also all-gathers the weights in forward
+      and backward of every micro-batch, ``2*(n_s-1)/n_s*param_bytes*m``. Exposed share: ``1 - dp_overlap`` (default
       0: not assumed hidden).
 
     A group inside one node uses the intra-node bandwidth, otherwise the inter-node one.
@@ -644,9 +700,12 @@ def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) 
     e = 4.0 if setup.dtype == "fp32" else 2.0
     layers = shape.num_hidden_layers / p
     n_params = shape.num_parameters()
-    per_token = 6.0 * n_params + 12.0 * shape.num_hidden_layers * s * h
-    if setup.recompute:
-        per_token *= 4.0 / 3.0
+    n_lora = shape.num_lora_parameters(setup.lora_rank) if setup.lora else 0
+    trained, frozen = (n_lora, n_params) if setup.lora else (n_params, 0)
+    attention = 12.0 * shape.num_hidden_layers * s * h
+    per_token = 6.0 * trained + 4.0 * frozen + attention
+    if setup.recompute:  # one more forward
+        per_token += 2.0 * (trained + frozen) + attention / 3.0
     compute = per_token * s * b * m / (t * p) / COMPUTE_FLOPS_PER_S
     bubble = (p - 1) / (p - 1 + m)
     cpn = setup.cards_per_node
@@ -663,8 +722,9 @@ def estimate_cost(shape: ModelShape, setup: TrainSetup, layout: ParallelLayout) 
     n = ns * d
     if n > 1:
         card_params = max(stage_parameters(shape, layout).values())
+        card_trained = stage_lora_parameters(shape, layout, setup.lora_rank) if setup.lora else card_params
         grad_bytes = model_state_bytes_per_param(setup.dtype, setup.master_grad, 0, 1)["grads"]
-        dp_comm = 2.0 * (n - 1) / n * card_params * grad_bytes / _bandwidth(layout, ("sharding", "dp"), cpn)
+        dp_comm = 2.0 * (n - 1) / n * card_trained * grad_bytes / _bandwidth(layout, ("sharding", "dp"), cpn)
         if ns > 1 and setup.sharding_stage == 3:
             param_bytes = model_state_bytes_per_param(setup.dtype, setup.master_grad, 0, 1)["params"]
             dp_comm += (2.0 * (ns - 1) / ns * card_params * param_bytes * m
@@ -724,6 +784,10 @@ class PlanResult:
     why: str
     name: str = ""
     """The model's name, when known (e.g. ``meta-llama/Llama-2-13b``)."""
+    preferred: dict[str, int] = field(default_factory=dict)
+    """The degrees :func:`plan` was asked to prefer (empty: none)."""
+    preferred_note: str = ""
+    """Why the preferred layout was not chosen (empty: it was, or there was none)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -737,6 +801,8 @@ class PlanResult:
                 "compute_flops_per_s": COMPUTE_FLOPS_PER_S, "intra_node_bytes_per_s": INTRA_NODE_BYTES_PER_S,
                 "inter_node_bytes_per_s": INTER_NODE_BYTES_PER_S, "score_tie": SCORE_TIE,
             },
+            "preferred": self.preferred or None,
+            "preferred_note": self.preferred_note or None,
             "chosen": self.chosen.to_dict() if self.chosen else None,
             "why": self.why,
             "fitting": [c.to_dict() for c in self.fitting],
@@ -776,8 +842,32 @@ def _pinned(fixed: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in fixed.items())
 
 
+def _matches(layout: ParallelLayout, degrees: Mapping[str, int]) -> bool:
+    return all(getattr(layout, k) == v for k, v in degrees.items())
+
+
+def _not_preferred(prefer: Mapping[str, int], candidates: list[Candidate], setup: TrainSetup) -> str:
+    """Why no fitting layout has the preferred degrees, completing "the preferred tp 8, ... ___"."""
+    cards = setup.total_cards
+    matching = [c for c in candidates if _matches(c.layout, prefer)]
+    product = 1
+    for value in prefer.values():
+        product *= value
+    if not matching and cards % product:
+        return (f"does not fit the {cards} cards ({' x '.join(map(str, prefer.values()))} = {product} "
+                f"does not divide {cards})")
+    if not matching:
+        return "is ruled out by the pinned degrees"
+    if all(c.reasons for c in matching):
+        return f"is impossible here: {matching[0].reasons[0]}"
+    smallest = min((c for c in matching if c.memory is not None), key=lambda c: c.memory.total_gb)
+    assert smallest.memory is not None
+    return (f"does not fit in memory: it needs {smallest.memory.total_gb:.1f} GB per card, "
+            f"{setup.usable_gb:.1f} GB are usable")
+
+
 def plan(shape: ModelShape, setup: TrainSetup, fixed: Mapping[str, int] | None = None, *,
-         name: str = "") -> PlanResult:
+         name: str = "", prefer: Mapping[str, int] | None = None) -> PlanResult:
     """Enumerate every ``(tp, pp, sharding, dp)`` whose degrees divide the card count and
     multiply to it (degrees pinned in ``fixed`` are taken as given), check each
     (:func:`check_layout`), estimate memory and cost for the possible ones, and choose.
@@ -787,12 +877,17 @@ def plan(shape: ModelShape, setup: TrainSetup, fixed: Mapping[str, int] | None =
     of those the one needing the least memory per card wins (headroom for what the estimate
     leaves out).
 
+    ``prefer`` (degrees, e.g. the guide's ``{"tp": 8, "pp": 1, "sharding": 1}``) overrides that
+    choice when a fitting layout has those degrees; otherwise the choice stands and
+    ``preferred_note`` says why the preferred one was passed over.
+
     Raises :class:`PipelineError` when ``fixed`` pins degrees and no matching layout is
     possible, or none fits (with the memory needed, the memory available and the breakdown).
     Without ``fixed``, a plan where nothing fits returns ``chosen=None``. ``name`` only labels
     the output.
     """
     pins = _check_fixed(fixed)
+    preferred = _check_fixed(prefer)
     cards = setup.total_cards
     options = {axis: ([pins[axis]] if axis in pins else _divisors(cards)) for axis in DEGREES}
     layouts = [ParallelLayout(*combo) for combo in itertools.product(*(options[a] for a in DEGREES))]
@@ -817,6 +912,8 @@ def plan(shape: ModelShape, setup: TrainSetup, fixed: Mapping[str, int] | None =
                 c.score = c.cost.s_per_sample / best
 
     where = f" with {_pinned(pins)} pinned" if pins else ""
+    passed_over = "" if not preferred or any(_matches(c.layout, preferred) for c in fitting) else (
+        _not_preferred(preferred, candidates, setup))
     if not possible:
         reasons: list[str] = []
         for c in rejected:
@@ -839,16 +936,21 @@ def plan(shape: ModelShape, setup: TrainSetup, fixed: Mapping[str, int] | None =
                 f"{setup.memory_per_card_gb:g} GB): {smallest.memory.breakdown()}")
         if pins:
             raise PipelineError(f"no layout{where} fits: {why}")
-        return PlanResult(shape, setup, pins, fitting, not_fitting, rejected, None, why, name)
+        return PlanResult(shape, setup, pins, fitting, not_fitting, rejected, None, why, name, preferred,
+                          passed_over)
 
     fastest = fitting[0]
     assert fastest.cost is not None
     tied = [c for c in fitting if c.score is not None and c.score <= 1.0 + SCORE_TIE]
     chosen = min(tied, key=lambda c: (c.memory.total_gb if c.memory else 0.0, c.layout))
+    if preferred and not passed_over:
+        chosen = next(c for c in fitting if _matches(c.layout, preferred))
     assert chosen.memory is not None and chosen.cost is not None
     why = (f"needs {chosen.memory.total_gb:.1f} of {setup.usable_gb:.1f} GB usable per card, "
            f"modelled time per sample {chosen.score:.3f} x the fastest")
-    if chosen is not fastest:
+    if preferred and not passed_over:
+        why = f"the preferred layout ({_pinned(preferred)}) fits: {why}"
+    elif chosen is not fastest:
         why += (f"; within {SCORE_TIE:.0%} of the fastest ({fastest.layout.label()}, "
                 f"{fastest.memory.total_gb if fastest.memory else 0:.1f} GB), it leaves the most "
                 f"memory headroom")
@@ -856,7 +958,10 @@ def plan(shape: ModelShape, setup: TrainSetup, fixed: Mapping[str, int] | None =
         why += "; fastest of the fitting layouts"
     if pins:
         why += f" ({_pinned(pins)} pinned)"
-    return PlanResult(shape, setup, pins, fitting, not_fitting, rejected, chosen, why, name)
+    if passed_over:
+        why = f"the preferred {_pinned(preferred)} {passed_over}; the planner's choice {why}"
+    return PlanResult(shape, setup, pins, fitting, not_fitting, rejected, chosen, why, name, preferred,
+                      passed_over)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,13 @@ from typing import Any
 from llamapipe.core import checkpoint_io
 from llamapipe.core.atomic import atomic_dir, write_json
 from llamapipe.core.errors import PipelineError
+from llamapipe.stages import sft
+from llamapipe.stages.progress import plan_message, trainer_entry
 
 log = logging.getLogger("llamapipe.collect")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pdparams")
-# PaddleNLP Trainer's log line: "loss: 7.66448736, learning_rate: 0.0006, global_step: 1, ..."
-_TRAINER_LOG = re.compile(r"\bloss: ([-+0-9.eE]+), learning_rate: ([-+0-9.eE]+), global_step: (\d+)")
 
 
 def _weights(d: Path) -> list[Path]:
@@ -31,10 +30,9 @@ def parse_trainer_log(lines: Any) -> list[dict[str, Any]]:
     the earlier ones."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in lines:
-        m = _TRAINER_LOG.search(line)
-        if m:
-            step = int(m.group(3))
-            by_step[step] = {"step": step, "loss": float(m.group(1)), "learning_rate": float(m.group(2))}
+        entry = trainer_entry(line)
+        if entry:
+            by_step[entry["step"]] = {k: entry[k] for k in ("step", "loss", "learning_rate")}
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -43,7 +41,7 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_l
     by save_model(merge_tensor_parallel=True)) -> results/sft; checkpoint-N dirs stay behind,
     at most ``save_total_limit`` of them (the Trainer rotates them only with several processes)."""
     src = Path(ckpt_dir)
-    files = [p for p in src.iterdir() if p.is_file()] if src.is_dir() else []
+    files = [p for p in src.iterdir() if p.is_file() and p.name != sft.RUN_STATE] if src.is_dir() else []
     has_config = any((src / name).is_file() for name in ("config.json", "lora_config.json"))
     if not src.is_dir() or not _weights(src) or not has_config:
         raise PipelineError(f"{ckpt_dir} holds no final model (weights and config.json): did training finish?")
@@ -65,10 +63,58 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_l
                    "first_loss": history[0]["loss"] if history else None,
                    "final_loss": history[-1]["loss"] if history else None}
         write_json(tmp / "train_summary.json", summary)
+    sft.mark_completed(src, _final_step(src, history))
     removed = checkpoint_io.prune_checkpoints(src, save_total_limit)
     if removed:
         log.info("save_total_limit %d: removed %s", save_total_limit, ", ".join(removed))
     return summary
+
+
+def _final_step(src: Path, history: list[dict[str, Any]]) -> Any:
+    """The final save's step: its trainer_state.json (upstream's save_state), else the last logged one."""
+    try:
+        return json.loads((src / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return history[-1]["step"] if history else None
+
+
+def prepare_sft(ckpt_dir: str, max_steps: int, script: str = "run_finetune.py") -> dict:
+    """npu, before the launcher starts upstream's script, which resumes from its output_dir by
+    itself: a finished run's checkpoints are moved aside (so asking for sft again trains from
+    scratch), a crashed run's stay (it resumes, from the newest complete checkpoint as upstream
+    picks it under ``checkpoint_io.COMPLETE_CHECKPOINTS_ENV``). Says which, with the plan line the
+    rule's terminal filter turns upstream's loss lines into progress with."""
+    d = Path(ckpt_dir)
+    aside = sft.set_aside_finished(d)
+    d.mkdir(parents=True, exist_ok=True)
+    steps = sft.complete_checkpoint_steps(d)
+    start = steps[-1] if steps else 0
+    sft.mark_started(d, max_steps)
+    sft.log.info(plan_message(start, max_steps, script))  # the sft job's own logger, as on cpu
+    return {"resume_step": start, "max_steps": max_steps, "set_aside": str(aside) if aside else None}
+
+
+def main(argv: Any = None) -> int:
+    """``python -m llamapipe.stages.collect prepare-sft --ckpt-dir D --max-steps N [--script S]``
+    (the npu sft script's step before the launcher)."""
+    import argparse
+
+    from llamapipe.core.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m llamapipe.stages.collect")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-sft", help="before upstream's trainer: a finished run's checkpoints aside")
+    prep.add_argument("--ckpt-dir", required=True)
+    prep.add_argument("--max-steps", required=True, type=int)
+    prep.add_argument("--script", default="run_finetune.py")
+    a = parser.parse_args(argv)
+    configure_logging()
+    prepare_sft(a.ckpt_dir, a.max_steps, a.script)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def check_outputs(kind: str, path: str) -> dict:

@@ -2,13 +2,20 @@
 
 The archive lands in ``cache_dir`` (``.part`` while incomplete, the final name only once the
 sha256 matched) and is extracted into a temp dir beside ``out_dir`` that replaces ``out_dir``
-only when every member passed the safety checks and ``train.json``/``dev.json`` are there.
+only when every member passed the safety checks, ``train.json``/``dev.json`` are there and the
+extracted files have the md5s the config names (if any).
+
+An http(s) archive without a sha256 (``sha256: null``) is trusted on first use: the hash of what
+arrived is printed with the exact line that pins it, and recorded with everything else the stage
+verified in ``out_dir/download.json`` (read by provenance). A ``file:`` archive is on this host,
+so there is no first download to trust: it must be pinned (the error names its sha256).
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import logging
 import lzma
 import os
@@ -21,7 +28,7 @@ import zlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from llamapipe.core.atomic import atomic_dir, atomic_path
+from llamapipe.core.atomic import atomic_dir, atomic_path, write_json
 from llamapipe.core.errors import PipelineError
 from llamapipe.core.hashing import sha256_file
 
@@ -31,29 +38,35 @@ CHUNK = 1 << 16
 BACKOFF_SECONDS = 1.0  # first retry delay, doubled each attempt; tests set it to 0
 MAX_BACKOFF_SECONDS = 60.0
 REQUIRED = ("train.json", "dev.json")
+RECORD = "download.json"  # in out_dir: what was fetched and verified, for provenance
 
 
 class _Retryable(Exception):
     """A transient HTTP failure (5xx, short body) worth another attempt."""
 
 
-def run(url: str, sha256: str, out_dir: str, cache_dir: str, retries: int = 5,
-        connect_timeout: float = 10.0, read_timeout: float = 30.0) -> dict:
+def run(url: str, sha256: str | None, out_dir: str, cache_dir: str, retries: int = 5,
+        connect_timeout: float = 10.0, read_timeout: float = 30.0, md5: dict[str, str] | None = None,
+        sha256_key: str = "data.sha256") -> dict:
     """``retries``: attempts after the first; ``read_timeout``: seconds without a byte before an
-    attempt counts as stalled (http only)."""
-    expected = sha256.strip().lower()
-    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
-        raise PipelineError(f"sha256 for {url} must be 64 hex digits, got {sha256!r}")
+    attempt counts as stalled (http only). ``sha256``: the archive's pin; None: trust on first use
+    (http(s) only). ``md5``: extracted file (relative to ``out_dir``) -> its md5. ``sha256_key``:
+    the config key a pin goes to (``npu.data.sha256`` where the npu overlay sets it), for the
+    messages."""
+    scheme = urlparse(url).scheme.lower()
+    expected = _expected_sha256(url, scheme, sha256, sha256_key)
+    want_md5 = _expected_md5(md5)
     name = posixpath.basename(urlparse(url).path)
     if not name:
         raise PipelineError(f"cannot derive a file name from url {url!r}")
     cache = Path(cache_dir) / name
-    scheme = urlparse(url).scheme.lower()
     if scheme not in ("file", "http", "https"):
         raise PipelineError(f"unsupported url scheme {scheme!r} in {url!r} (use http(s):// or file:)")
 
     if scheme == "file" and cache.exists() and _local_path(url).resolve() == cache.resolve():
         _verify(cache, expected, url, remove=False)  # the cache is the user's file: check, never delete
+    elif cache.is_file() and expected is None:
+        log.info("using cached %s (not pinned), skipping the download", cache)
     elif cache.is_file() and sha256_file(cache) == expected:
         log.info("using cached %s (sha256 ok), skipping the download", cache)
     else:
@@ -65,10 +78,75 @@ def run(url: str, sha256: str, out_dir: str, cache_dir: str, retries: int = 5,
         else:
             _fetch_http(url, cache, expected, retries, (connect_timeout, read_timeout))
 
-    files = extract(cache, out_dir)
+    actual = expected or sha256_file(cache)
+    record = {"url": url, "sha256": actual, "pinned": expected is not None, "sha256_key": sha256_key,
+              "bytes": cache.stat().st_size, "md5_expected": want_md5}
+    files = extract(cache, out_dir, md5=want_md5, record=record)
     log.info("extracted %d file(s) into %s", len(files), out_dir)
-    return {"url": url, "sha256": expected, "archive": str(cache), "bytes": cache.stat().st_size,
-            "out_dir": str(out_dir), "files": files}
+    if want_md5:
+        log.info("md5 ok: %s", ", ".join(sorted(want_md5)))
+    if expected is None:
+        log.warning("%s", pin_notice(url, actual, sha256_key))
+    return {"url": url, "sha256": actual, "pinned": expected is not None, "archive": str(cache),
+            "bytes": record["bytes"], "out_dir": str(out_dir), "files": files,
+            "md5_verified": sorted(want_md5 or {})}
+
+
+def pin_line(sha256_key: str, digest: str) -> str:
+    """``--config`` for Snakemake setting the dotted ``sha256_key``: ``'npu={data: {sha256: <hex>}}'``."""
+    top, *rest = sha256_key.split(".")
+    value = digest
+    for part in reversed(rest):
+        value = f"{{{part}: {value}}}"
+    return f"--config '{top}={value}'"
+
+
+def pin_yaml(sha256_key: str, digest: str) -> str:
+    """Where the pin goes in config.yaml: ``in the npu: -> data: section:  sha256: "<hex>"``."""
+    *section, last = sha256_key.split(".")
+    return f"in the {' -> '.join(f'{s}:' for s in section)} section:  {last}: \"{digest}\""
+
+
+def pin_notice(url: str, digest: str, sha256_key: str) -> str:
+    """What an unpinned download prints: the hash of what arrived and the exact lines that pin it.
+    config.yaml first: a pin given on one run's command line and not the next changes the params."""
+    return (f"{sha256_key} is null: {url} was trusted on first use; its sha256 is {digest}. Pin it now, "
+            f"before training, and every later run checks these bytes. In config.yaml, {pin_yaml(sha256_key, digest)}\n"
+            f"  (or on every run, in the same --config as your other values: {pin_line(sha256_key, digest)}; "
+            f"adding or dropping the pin changes download_data's params, so it and every stage after it rerun)")
+
+
+def _expected_sha256(url: str, scheme: str, sha256: str | None, sha256_key: str) -> str | None:
+    """The lowercase pin, or None (trust on first use, http(s) only)."""
+    if sha256 is None or not str(sha256).strip():
+        if scheme != "file":
+            return None
+        path = _local_path(url)
+        try:
+            digest = sha256_file(path)
+            how = f"its sha256 is {digest}; in config.yaml, {pin_yaml(sha256_key, digest)}"
+        except OSError as e:
+            how = f"it cannot be read now ({e.strerror or e}); sha256sum {path} prints the hash"
+        raise PipelineError(f"{sha256_key} is null, but {url} is a local file: there is no download to trust on "
+                            f"first use, so pin it: {how}")
+    expected = str(sha256).strip().lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise PipelineError(f"sha256 for {url} must be 64 hex digits, got {sha256!r}")
+    return expected
+
+
+def _expected_md5(md5: dict[str, str] | None) -> dict[str, str] | None:
+    if not md5:
+        return None
+    if not isinstance(md5, dict):
+        raise PipelineError(f"md5 must map extracted file names to md5 hex digests, got {md5!r}")
+    out = {}
+    for name, digest in md5.items():
+        value = str(digest).strip().lower()
+        if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+            raise PipelineError(f"md5 of {name} must be 32 hex digits, got {digest!r}")
+        out[posixpath.normpath(str(name))] = value
+    return out
 
 
 def _verify(path: Path, expected: str, url: str, remove: bool = True) -> None:
@@ -106,7 +184,7 @@ def _copy_local(url: str, cache: Path, expected: str) -> None:
     log.info("sha256 ok: %s", expected)
 
 
-def _fetch_http(url: str, cache: Path, expected: str, retries: int, timeouts: tuple[float, float]) -> None:
+def _fetch_http(url: str, cache: Path, expected: str | None, retries: int, timeouts: tuple[float, float]) -> None:
     import requests  # lazily: stages that never download should not pay for it
 
     transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
@@ -135,6 +213,10 @@ def _fetch_http(url: str, cache: Path, expected: str, retries: int, timeouts: tu
                 time.sleep(delay)
             except requests.RequestException as e:  # a bad url, too many redirects: retrying won't help
                 raise PipelineError(f"download of {url} failed: {e}") from None
+    if expected is None:  # trust on first use: the archive checks below (stream, members) still run
+        os.replace(part, cache)
+        log.info("saved %s (not pinned)", cache)
+        return
     _verify(part, expected, url)
     os.replace(part, cache)
     log.info("sha256 ok: %s; saved %s", expected, cache)
@@ -237,11 +319,14 @@ def _cut_short(archive: Path) -> bool:
 
 # --- safe extraction ---------------------------------------------------------------------------
 
-def extract(archive: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+def extract(archive: str | os.PathLike, out_dir: str | os.PathLike, md5: dict[str, str] | None = None,
+            record: dict | None = None) -> list[str]:
     """Extract ``archive`` into ``out_dir`` (its single top-level directory stripped).
 
-    Refuses the whole archive if any member is unsafe; ``out_dir`` is replaced only on success.
-    Returns the extracted file paths relative to ``out_dir``.
+    Refuses the whole archive if any member is unsafe or an extracted file's md5 is not the one
+    ``md5`` names; ``out_dir`` is replaced only on success. ``record``: written as ``download.json``
+    into ``out_dir`` with the files and their md5s. Returns the extracted file paths relative to
+    ``out_dir`` (the record not among them).
     """
     archive = Path(archive)
     try:
@@ -261,12 +346,44 @@ def extract(archive: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]
                 if missing:
                     raise PipelineError(f"{archive}: no {' or '.join(missing)} in the archive "
                                         "(expected train.json and dev.json, optionally under one top directory)")
-                return sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+                files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+                sums = {f: _md5_file(tmp / f) for f in files}
+                _check_md5(archive, sums, md5 or {}, out_dir)
+                if record is not None:
+                    if RECORD in files:
+                        raise PipelineError(f"{archive}: holds a file named {RECORD}, the name of the download's "
+                                            "own record; nothing was extracted")
+                    write_json(tmp / RECORD, {**record, "files": files, "md5": sums})
+                return files
     except (tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error, lzma.LZMAError,
             gzip.BadGzipFile) as e:
         raise PipelineError(f"{archive}: the archive is truncated or corrupt ({e})") from None
     except (tarfile.TarError, KeyError) as e:  # the data filter's refusals, unresolvable hard links
         raise PipelineError(f"{archive}: refused, nothing was extracted: {e}") from None
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)  # matching published checksums; the sha256 pin is the security
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_md5(archive: Path, sums: dict[str, str], want: dict[str, str], out_dir: str | os.PathLike) -> None:
+    """Every file ``want`` names is extracted with that md5; else nothing replaces ``out_dir``."""
+    problems = []
+    for name, digest in sorted(want.items()):
+        if name not in sums:
+            problems.append(f"{name} is not in the archive (it holds {', '.join(sorted(sums))})")
+        elif sums[name] != digest:
+            problems.append(f"{name} has md5 {sums[name]}, expected {digest}")
+    if problems:
+        raise PipelineError(
+            f"{archive}: the extracted files are not the ones data.md5 names: {'; '.join(problems)}. "
+            f"Nothing was extracted ({out_dir} is as it was). If this archive holds other data on purpose, "
+            f"set data.md5 to its files' md5s or to null; else the archive is not what the md5s describe: "
+            f"find out why before training on it")
 
 
 def _check_stream(archive: Path) -> None:

@@ -59,20 +59,43 @@ def resume_guarantee(config: dict) -> dict:
     return {"exact": exact, "why": RESUME_EXACT if exact else RESUME_NOT_EXACT}
 
 
+def data_archive(config: dict, download: dict | None, project_dir: str) -> dict:
+    """The archive the run trained on: the configured url and pin, and what download_data
+    verified (its ``download.json`` beside the extracted files): the sha256 it computed, whether
+    that was checked against a pin or trusted on first use, and the extracted files' md5s."""
+    from llamapipe.stages.download import RECORD, pin_line, pin_yaml
+
+    data = config["data"]
+    seen: dict[str, Any] = {}
+    for out in (download or {}).get("outputs", {}):
+        path = Path(project_dir) / out / RECORD
+        if path.is_file():
+            seen = json.loads(path.read_text(encoding="utf-8"))
+    pinned = data.get("sha256") is not None
+    sha256 = seen.get("sha256", data.get("sha256"))
+    return {
+        "url": data["url"], "sha256": sha256, "pinned": pinned,
+        "trust": "pinned" if pinned else "trusted on first use (sha256: null): pin it to check it on later runs",
+        "pin": None if pinned or not sha256 else {
+            "config.yaml": pin_yaml(seen.get("sha256_key", "data.sha256"), sha256),
+            "--config": pin_line(seen.get("sha256_key", "data.sha256"), sha256)},
+        "bytes": seen.get("bytes"), "md5": seen.get("md5"), "md5_checked": seen.get("md5_expected"),
+        "verified_by": "download-data" if download else None,
+    }
+
+
 def collect(manifest_dir: str, config: dict, project_dir: str, image_records: list[str], out: str) -> dict:
     manifests = {}
     for path in sorted(Path(manifest_dir).glob("*.json")):
         m = json.loads(path.read_text())
         manifests[m["stage"]] = m
-    download = manifests.get("download-data", {})
     record = {
         "created": now(),
         "git": git_state(project_dir),
         "config": config,
         "config_sha256": sha256_json(config),
         "seed": config.get("seed"),
-        "data_archive": {"url": config["data"]["url"], "sha256": config["data"]["sha256"],
-                         "verified_by": "download-data" if download else None},
+        "data_archive": data_archive(config, manifests.get("download-data"), project_dir),
         "images": {Path(p).stem: json.loads(Path(p).read_text()) for p in image_records if os.path.exists(p)},
         "rehearsal": _rehearsal(config),
         "resume": resume_guarantee(config),

@@ -4,6 +4,12 @@ Checkpoints go to ``ckpt_dir``, which is NOT the rule's output: Snakemake delete
 a failed job, so a killed run would otherwise start over. A fingerprint of everything that
 shapes training (params, data, base model) guards the checkpoints: a rerun resumes only a run
 that was training the same thing, and a stale one is moved aside, not deleted.
+
+``run_state.json`` beside them says whether their run finished (its output written): asking for
+sft again after a finished run (``--forcerun sft``, or its output deleted) moves them aside the
+same way and trains from scratch; after a crash the run resumes from its newest complete
+checkpoint. The npu target applies the same rule before upstream's script starts
+(``llamapipe.stages.collect.prepare_sft``): that script resumes from its output_dir by itself.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -21,11 +28,14 @@ from llamapipe.core import checkpoint_io
 from llamapipe.core.atomic import atomic_dir, write_json
 from llamapipe.core.hashing import sha256_file, sha256_json
 from llamapipe.core.tokenizer_io import encode_example, load_tokenizer
+from llamapipe.stages.progress import PROGRESS_INTERVAL_S, Progress, plan_message
 
 log = logging.getLogger("llamapipe.sft")
 
 # Knobs that change what is trained; save/log cadence does not, so it may change across a resume.
 CADENCE_KEYS = {"save_steps", "logging_steps", "save_total_limit"}
+RUN_STATE = "run_state.json"  # {"max_steps", "completed", "global_step"}: the checkpoints' run
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 LORA_TARGET_MODULES = [  # PaddleNLP's LLaMA LoRA targets (llm/utils: get_lora_target_modules)
     ".*q_proj.*",
@@ -55,19 +65,83 @@ def training_identity(params: dict[str, Any], train_file: str, base_dir: str, se
     }
 
 
-def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str]) -> None:
-    """Set aside checkpoints of a different run (one process does this: rank 0)."""
+def set_aside(ckpt_dir: Path) -> Path:
+    """Move a checkpoint directory to ``<name>.stale-<time>`` (kept, not deleted)."""
+    aside = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():  # two in one second
+        n += 1
+        aside = aside.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    shutil.move(str(ckpt_dir), str(aside))
+    return aside
+
+
+def complete_checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (``checkpoint-N`` holding upstream's ``.checkpoint_done``)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in (_CHECKPOINT.match(p.name) for p in ckpt_dir.iterdir())
+                  if m and (ckpt_dir / m.group(0) / checkpoint_io.CHECKPOINT_DONE).is_file())
+
+
+def _run_state(ckpt_dir: Path) -> dict[str, Any] | None:
+    path = ckpt_dir / RUN_STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_run(ckpt_dir: Path) -> str | None:
+    """Why the checkpoints in ``ckpt_dir`` are of a finished run, or None (none, or a crashed run).
+
+    ``run_state.json`` decides: written when a run starts, marked completed once its output is
+    written (all its max_steps trained). A run killed after its last checkpoint but before its
+    output resumes (and trains what is left, maybe nothing). A directory without one (written
+    before it existed) resumes too, as it always did: the first rerun after an upgrade (Snakemake
+    reruns sft once: its command changed) costs no training, and marks the run completed."""
+    state = _run_state(ckpt_dir)
+    if not state or not state.get("completed"):
+        return None
+    return f"all {state.get('global_step', state.get('max_steps'))} of {state.get('max_steps')} steps done"
+
+
+def set_aside_finished(ckpt_dir: Path) -> Path | None:
+    """A finished run's checkpoints moved aside, saying so: the run asked for now starts from scratch."""
+    why = finished_run(ckpt_dir) if ckpt_dir.is_dir() else None
+    if not why:
+        return None
+    aside = set_aside(ckpt_dir)
+    log.warning("%s holds a finished run (%s): moved to %s (delete it when no longer needed); "
+                "training again from scratch", ckpt_dir, why, aside)
+    return aside
+
+
+def mark_started(ckpt_dir: Path, max_steps: int) -> None:
+    write_json(ckpt_dir / RUN_STATE, {"max_steps": max_steps, "completed": False})
+
+
+def mark_completed(ckpt_dir: Path, global_step: int | None) -> None:
+    """The run's output is written: asking for it again trains from scratch (``finished_run``)."""
+    state = _run_state(ckpt_dir) or {}
+    state.update(completed=True, global_step=global_step)
+    write_json(ckpt_dir / RUN_STATE, state)
+
+
+def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str], max_steps: int | None = None) -> None:
+    """Set aside checkpoints of a different run, or (``max_steps`` given) of a finished one, and
+    mark the run started (one process does this: rank 0)."""
     fp_file = ckpt_dir / "fingerprint.json"
     if ckpt_dir.exists():
         old = json.loads(fp_file.read_text()) if fp_file.exists() else None
         if old != fp:
-            aside = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
             changed = sorted(k for k in fp if not old or old.get(k) != fp[k])
+            aside = set_aside(ckpt_dir)
             log.warning("checkpoints in %s belong to another run (changed: %s); moved to %s",
                         ckpt_dir, ", ".join(changed) or "no fingerprint", aside)
-            shutil.move(str(ckpt_dir), str(aside))
+        elif max_steps:
+            set_aside_finished(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json(fp_file, fp)
+    if max_steps:
+        mark_started(ckpt_dir, max_steps)
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -75,10 +149,7 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     os.environ.update(checkpoint_io.COMPLETE_CHECKPOINTS_ENV)
     from paddlenlp.trainer.trainer_utils import get_last_checkpoint
 
-    last = get_last_checkpoint(str(ckpt_dir))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    return get_last_checkpoint(str(ckpt_dir))
 
 
 class LossLogWriter:
@@ -115,6 +186,44 @@ class LossLogWriter:
 
     def entries(self) -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines()]
+
+
+class ProgressReporter:
+    """Trainer callback: a progress line (step/total, loss, tokens/s, elapsed, time left) at the
+    first logged step, then at most one per ``interval_s`` seconds, and at the last step, through
+    our logger: the rule's log gets it, and its terminal filter shows it
+    (``llamapipe.stages.progress``)."""
+
+    def __init__(self, total: int, start_step: int, tokens_per_step: float, writer: bool = True,
+                 interval_s: float = PROGRESS_INTERVAL_S):
+        self.progress = Progress(total, interval_s)
+        self.start_step, self.tokens_per_step, self.writer = start_step, tokens_per_step, writer
+        self.loss: float | None = None
+
+    def report(self, step: int, loss: float | None, force: bool = False) -> None:
+        line = self.progress.update(step, loss, self.tokens_per_step, force=force)
+        if line and self.writer:
+            log.info(line)
+
+    def callback(self) -> Any:
+        from paddlenlp.trainer import TrainerCallback
+
+        reporter = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                reporter.progress.begin(reporter.start_step)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    reporter.loss = logs["loss"]
+                    reporter.report(state.global_step, reporter.loss)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                # the last step, logged or not (logging_steps need not divide max_steps)
+                reporter.report(state.global_step, reporter.loss, force=True)
+
+        return _Callback()
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -235,12 +344,19 @@ def run(
     args = TrainingArguments(**training_arguments(params, ckpt_dir, seed, device))
     first = args.process_index == 0
     if first:
-        prepare_checkpoint_dir(Path(ckpt_dir), training_identity(params, train_file, base_dir, seed))
+        prepare_checkpoint_dir(Path(ckpt_dir), training_identity(params, train_file, base_dir, seed),
+                               params["max_steps"])
     _barrier(args)  # every rank resumes from what rank 0 left in place
     resume = last_checkpoint(Path(ckpt_dir))
 
     resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    if first:
+        log.info(plan_message(resume_step, params["max_steps"]))
     loss_log = LossLogWriter(Path(ckpt_dir) / "train_log.jsonl", resume_step, writer=first)
+    tokens_per_step = sum(len(e["input_ids"]) for e in examples) / len(examples) * (
+        params["per_device_train_batch_size"] * params["gradient_accumulation_steps"] * args.world_size
+    )
+    progress = ProgressReporter(params["max_steps"], resume_step, tokens_per_step, writer=first)
     model = build_model(base_dir, params, params["dtype"])
     collator = DataCollatorForSeq2Seq(tokenizer=tok, padding=True, label_pad_token_id=-100, return_tensors="np")
     trainer = resumable_trainer(seed)(
@@ -249,7 +365,7 @@ def run(
         train_dataset=MapDataset(examples),
         tokenizer=tok,
         data_collator=collator,
-        callbacks=[loss_log.callback()],
+        callbacks=[loss_log.callback(), progress.callback()],
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -260,9 +376,6 @@ def run(
         return None
     history = loss_log.entries()
     losses = [h for h in history if "loss" in h]
-    tokens_per_step = sum(len(e["input_ids"]) for e in examples) / len(examples) * (
-        params["per_device_train_batch_size"] * params["gradient_accumulation_steps"] * args.world_size
-    )
     steps_run = trainer.state.global_step - resume_step
     summary = {
         "mode": "lora" if params["lora"] else "full",
@@ -282,5 +395,6 @@ def run(
         tok.save_pretrained(str(tmp))
         shutil.copyfile(loss_log.path, tmp / "train_log.jsonl")
         write_json(tmp / "train_summary.json", summary)
+    mark_completed(Path(ckpt_dir), trainer.state.global_step)
     log.info("sft done: step %s, loss %s -> %s", summary["global_step"], summary["first_loss"], summary["final_loss"])
     return summary
