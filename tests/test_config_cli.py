@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import re
 
-import jsonschema
 import pytest
 import yaml
 
 from conftest import ROOT, copy_project, snakemake
-from llamapipe.config import coerce_cli_scalars, deep_merge, npu_overrides, validate_with_defaults, validation
+from llamapipe.config import deep_merge, npu_overrides, validation
 from llamapipe.core.errors import PipelineError
 
 RAW = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -29,13 +28,13 @@ SCHEMA_FILE = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read
 
 def _typed(**over) -> dict:
     """config.yaml with ``over`` merged in as Snakemake merges --config, then typed."""
-    return coerce_cli_scalars(deep_merge(RAW, over), SCHEMA_FILE)
+    return validation.coerce(deep_merge(RAW, over), validation.with_overlays(SCHEMA_FILE))
 
 
 def _problems(**over) -> list[str]:
     """The schema's problems with config.yaml + ``over``, one line each (after the header)."""
     try:
-        validate_with_defaults(deep_merge(RAW, over), SCHEMA_FILE, jsonschema)
+        validation.checked(deep_merge(RAW, over), validation.with_overlays(SCHEMA_FILE))
     except PipelineError as err:
         return [line.strip().removeprefix("- ") for line in str(err).splitlines()[1:]]
     return []
@@ -161,7 +160,7 @@ def test_enum_type_and_missing_keys_name_what_is_accepted():
     no_data = deep_merge(RAW, {})
     del no_data["data"]["sha256"]
     with pytest.raises(PipelineError, match=r"data\.sha256: required and missing; it takes 64 lowercase hex"):
-        validate_with_defaults(no_data, SCHEMA_FILE, jsonschema)
+        validation.checked(no_data, validation.with_overlays(SCHEMA_FILE))
 
 
 # --- npu.<section> over the user's <section> ---------------------------------------------------
@@ -173,7 +172,7 @@ def _shipped() -> dict:
 
 def test_values_npu_sections_override_are_named_with_both_keys_and_how_to_set_them():
     given = {"target": "npu", "sft": {"learning_rate": 1e-4, "max_steps": 500}, "predict": {"batch_size": 4}}
-    cfg = validate_with_defaults(deep_merge(RAW, given), SCHEMA_FILE, jsonschema)
+    cfg = validation.checked(deep_merge(RAW, given), validation.with_overlays(SCHEMA_FILE))
     lines = npu_overrides(cfg, _shipped())
     assert lines == [
         "sft.max_steps = 500 is not used on target npu: npu.sft.max_steps = 100 overlays it and wins. "
@@ -191,7 +190,7 @@ def test_nothing_is_named_when_no_given_value_is_overridden():
     for over in ({"target": "npu"}, {"target": "npu", "sft": {"weight_decay": 0.1}},
                  {"target": "cpu", **given}, {"target": "npu", "rehearsal": "cpu", **given},
                  {"target": "npu", "sft": {"learning_rate": 3e-6}}):  # the same value as npu.sft's
-        cfg = validate_with_defaults(deep_merge(RAW, over), SCHEMA_FILE, jsonschema)
+        cfg = validation.checked(deep_merge(RAW, over), validation.with_overlays(SCHEMA_FILE))
         assert npu_overrides(cfg, shipped) == [], over
 
 

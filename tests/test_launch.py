@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from llamapipe.config import coerce_cli_scalars, deep_merge, load
+from llamapipe.config import deep_merge, load, validation
 from llamapipe.npu import scripts
 from llamapipe.runners import commands
 from llamapipe.scaleout import launch
@@ -157,11 +157,12 @@ def test_nested_cli_values_are_typed_by_the_schema():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     given = {"sft": {"processes": "2", "master": "127.0.0.1:1", "lora": "true", "learning_rate": "3e-3"},
              "npu": {"nodes": "2", "master": "null"}, "data": {"max_train": "null"}}
-    typed = coerce_cli_scalars(given, schema)
+    schema = validation.with_overlays(schema)
+    typed = validation.coerce(given, schema)
     assert typed["sft"] == {"processes": 2, "master": "127.0.0.1:1", "lora": True, "learning_rate": 3e-3}
     assert typed["npu"] == {"nodes": 2, "master": "null"}  # a string key keeps its string
     assert typed["data"] == {"max_train": None}
-    assert coerce_cli_scalars({"sft": {"processes": "two"}}, schema) == {"sft": {"processes": "two"}}
+    assert validation.coerce({"sft": {"processes": "two"}}, schema) == {"sft": {"processes": "two"}}
 
 
 # --- llamapipe.scaleout.local_nodes: real processes -------------------------------------------------

@@ -110,18 +110,17 @@ def test_bad_npu_layout_stops_before_any_job(npu_project):
 
 def _cfg(**npu_over):
     """config.yaml with target npu (and npu.* overrides), defaults filled, not yet resolved."""
-    import jsonschema
     import yaml
 
     from conftest import ROOT
-    from llamapipe.config import validate_with_defaults
+    from llamapipe.config import validation
 
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     raw["target"] = "npu"
     for key, value in npu_over.items():
         raw["npu"][key] = value
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
-    return validate_with_defaults(raw, schema, jsonschema)
+    return validation.checked(raw, validation.with_overlays(schema))
 
 
 def test_lora_switch_uses_the_upstream_lora_arguments():

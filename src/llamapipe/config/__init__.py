@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any
 
 from llamapipe.config import rules as config_rules
 from llamapipe.config import validation
@@ -84,16 +83,8 @@ def _stop_on(problems: list[str]) -> None:
         raise PipelineError("\n".join(problems))
 
 
-def schema_path() -> str:
-    """workflow/schemas/config.schema.yaml of the checkout this package runs from."""
-    return validation.schema_path()
 
 
-def coerce_cli_scalars(config: Any, schema: dict) -> Any:
-    """Nested values given as ``--config 'sft={processes: 2}'`` reach the config as strings
-    (Snakemake parses them with YAML's BaseLoader): each is typed by the schema at its place, at
-    every depth, npu overlays included (``llamapipe.config.validation.coerce``)."""
-    return validation.coerce(config, validation.with_overlays(schema))
 
 
 def npu_overrides(config: dict, defaults: dict) -> list[str]:
@@ -125,9 +116,3 @@ def load(path: str, schema: str | None = None) -> dict:
     with open(path, encoding="utf-8") as f:
         raw = yaml.safe_load(f)
     return resolve(validation.checked(raw, validation.config_schema(schema)))
-
-
-def validate_with_defaults(config: dict, schema: dict, jsonschema: Any = None) -> dict:
-    """``config`` with the schema's defaults filled in; every schema problem in one PipelineError
-    (``llamapipe.config.validation``; ``jsonschema`` is unused, kept for callers)."""
-    return validation.checked(config, validation.with_overlays(schema))
