@@ -252,6 +252,27 @@ def test_sft_asked_again_retrains_after_a_finished_run_and_resumes_after_a_crash
     assert _summary(project)["resumed_from"] is None
 
 
+@pytest.mark.e2e
+def test_a_finished_run_from_before_run_state_is_used_as_is_not_trained_past_max_steps(first_run):
+    """Checkpoints from before run_state.json (the first run after upgrading) resume; when the last
+    one is at max_steps nothing is trained: PaddleNLP's Trainer would run step 7 of 6 (at LR 0)."""
+    import shutil
+
+    from conftest import snakemake
+
+    project, _ = first_run
+    weights = (project / "results/sft/model_state.pdparams").read_bytes()
+    shutil.rmtree(project / "results/sft")
+    (project / "results/checkpoints/sft/run_state.json").unlink()  # as written before this change
+    again = snakemake(project, *ARGS)
+    assert "resuming from checkpoint-6 of 6 steps, none left to train" in again.stdout + again.stderr
+    summary = _summary(project)
+    assert (summary["global_step"], summary["steps_this_run"]) == (6, 0)
+    assert (project / "results/sft/model_state.pdparams").read_bytes() == weights
+    steps = [json.loads(x)["step"] for x in (project / "results/sft/train_log.jsonl").read_text().splitlines()]
+    assert max(steps) == 6
+
+
 def test_paddlenlps_logger_writes_no_colour_codes_under_no_color():
     """What the npu script's ``export NO_COLOR=1`` relies on in upstream's own processes (the cpu
     stage also swaps the formatter: ``core.paddle_env.quiet_paddlenlp``)."""

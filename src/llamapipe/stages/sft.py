@@ -368,7 +368,14 @@ def run(
         callbacks=[loss_log.callback(), progress.callback()],
     )
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume_step >= params["max_steps"]:
+        # nothing left to train (a finished run's checkpoints from before run_state.json): the
+        # Trainer would still run one step past max_steps (resuming inside the last epoch, it
+        # checks the limit only after a step), so the final checkpoint's weights are loaded as is
+        trainer._load_from_checkpoint(resume)
+        trainer.state.global_step, train_loss = resume_step, None
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     elapsed = time.time() - started
 
     _barrier(args)
@@ -386,7 +393,7 @@ def run(
         "final_loss": losses[-1]["loss"] if losses else None,
         "train_seconds_this_run": round(elapsed, 3),
         "tokens_per_second": round(tokens_per_step * steps_run / elapsed, 1) if elapsed > 0 else None,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "examples": len(examples),
         "processes": args.world_size,
     }
