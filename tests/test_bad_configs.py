@@ -34,8 +34,9 @@ BAD_CONFIGS = [
      ["npu.master", "npu.ips (10.0.0.1)", "npu.nodes (2)"]),
     ("download source, cpu", {"data": {"url": "file:assets/missing.tar.gz"}},
      ["data.url (file:assets/missing.tar.gz)", "no such file"]),
-    ("download source, npu", {"target": "npu", "data": {"url": "https://example.org/datasets/"}},
-     ["data.url (https://example.org/datasets/)", "names no file"]),
+    # on npu the data comes from npu.data (it overlays data: the guide's archive by default)
+    ("download source, npu", {"target": "npu", "npu": {"data": {"url": "https://example.org/datasets/"}}},
+     ["npu.data.url (https://example.org/datasets/)", "names no file"]),
     ("schema, all at once", {"seed": "abc", "threads": 0, "sft": {"max_step": 5}},
      ['seed = "abc": must be a whole number', "threads = 0: must be at least 1",
       "sft.max_step: unknown key; did you mean sft.max_steps?"]),

@@ -517,7 +517,7 @@ def url_scheme_is_fetchable(cfg: dict) -> list[str]:
     """stages/download.py fetches http(s):// and file: only."""
     url = cfg["data"]["url"]
     if _url_scheme(url) not in DOWNLOAD_SCHEMES:
-        return [f"data.url ({url}): scheme {_url_scheme(url) or '(none)'!r} cannot be fetched; "
+        return [f"{_key(cfg, 'data.url')} ({url}): scheme {_url_scheme(url) or '(none)'!r} cannot be fetched; "
                 f"use http://, https:// or file:"]
     return []
 
@@ -526,7 +526,7 @@ def url_names_a_file(cfg: dict) -> list[str]:
     """The download caches the archive under the url's file name and refuses a url without one."""
     url = cfg["data"]["url"]
     if _url_scheme(url) in DOWNLOAD_SCHEMES and not posixpath.basename(urlparse(url).path):
-        return [f"data.url ({url}) names no file: the download needs the archive's file name"]
+        return [f"{_key(cfg, 'data.url')} ({url}) names no file: the download needs the archive's file name"]
     return []
 
 
@@ -556,7 +556,7 @@ def local_archive_exists(cfg: dict) -> list[str]:
     if _url_scheme(url) != "file" or not posixpath.basename(urlparse(url).path):
         return []
     problem = _local_archive_problem(url)
-    return [f"data.url ({url}): {problem}"] if problem else []
+    return [f"{_key(cfg, 'data.url')} ({url}): {problem}"] if problem else []
 
 
 def sha256_is_hex(cfg: dict) -> list[str]:
@@ -572,8 +572,8 @@ def sha256_is_hex(cfg: dict) -> list[str]:
             now = f"its sha256 is {sha256_file(path)}"
         except OSError:
             now = f"sha256sum {path} prints it"
-        return [f"{key} is null, but data.url ({url}) is a local file: there is no download to trust on first "
-                f"use, so pin it ({now})"]
+        return [f"{key} is null, but {_key(cfg, 'data.url')} ({url}) is a local file: there is no download to "
+                f"trust on first use, so pin it ({now})"]
     digest = str(digest).strip()
     if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
         return [f"{key} ({digest!r}) must be 64 hex digits (got {len(digest)} characters)"]
