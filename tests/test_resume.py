@@ -119,7 +119,7 @@ def test_a_finished_runs_checkpoints_are_set_aside_a_crashed_runs_kept(tmp_path,
     state, complete, broken, moved = CASES[case]
     root = _run_dir(tmp_path)
     if state is not None:
-        (root / sft.RUN_STATE).write_text(json.dumps(state))
+        (root / checkpoint_io.RUN_STATE).write_text(json.dumps(state))
     for step in complete:
         _ckpt(root, step, complete=True)
     if broken:
@@ -127,7 +127,7 @@ def test_a_finished_runs_checkpoints_are_set_aside_a_crashed_runs_kept(tmp_path,
     sft.prepare_checkpoint_dir(root, FP, max_steps=6)
     aside = sorted(tmp_path.glob("ckpt.stale-*"))
     assert json.loads((root / "fingerprint.json").read_text()) == FP
-    assert json.loads((root / sft.RUN_STATE).read_text()) == {"max_steps": 6, "completed": False}
+    assert json.loads((root / checkpoint_io.RUN_STATE).read_text()) == {"max_steps": 6, "completed": False}
     if moved:
         assert len(aside) == 1 and _names(aside[0]) == [f"checkpoint-{s}" for s in complete]
         assert _names(root) == []
@@ -144,7 +144,7 @@ def test_a_run_marked_completed_is_set_aside_when_asked_again(tmp_path, sft_log)
     _ckpt(root, 3, complete=True)  # not all steps: a rerun resumes
     sft.prepare_checkpoint_dir(root, FP, max_steps=6)
     assert _names(root) == ["checkpoint-3"]
-    sft.mark_completed(root, 6)  # the output written (what run() does last)
+    checkpoint_io.mark_completed(root, 6)  # the output written (what run() does last)
     sft.prepare_checkpoint_dir(root, FP, max_steps=6)
     assert _names(root) == [] and len(list(tmp_path.glob("ckpt.stale-*"))) == 1
     assert sft_log == [f"{root} holds a finished run (all 6 of 6 steps done): moved to "
@@ -158,5 +158,5 @@ def test_two_set_asides_in_one_second_do_not_collide(tmp_path):
     for _ in range(3):
         root.mkdir()
         (root / "x").write_text(str(len(first)))
-        first.append(sft.set_aside(root))
+        first.append(checkpoint_io.set_aside(root))
     assert len(set(first)) == 3 and [(p / "x").read_text() for p in first] == ["0", "1", "2"]

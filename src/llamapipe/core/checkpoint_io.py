@@ -12,10 +12,12 @@ guide "merges parameters" first. Layouts read here:
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from llamapipe.core.atomic import write_json
 from llamapipe.core.errors import PipelineError
 
 if TYPE_CHECKING:  # numpy at run time only where arrays are made: the npu scripts read this
@@ -131,6 +133,16 @@ def _step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
 
 
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` directories, by step."""
+    return sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()), key=_step)
+
+
+def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Those holding upstream's ``.checkpoint_done`` (written last under ``COMPLETE_CHECKPOINTS_ENV``)."""
+    return [p for p in _checkpoints(ckpt_dir) if (p / CHECKPOINT_DONE).is_file()]
+
+
 def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     """``save_total_limit`` after a run: keep the newest ``keep`` complete ``checkpoint-N`` dirs,
     remove older ones and every incomplete one older than the newest complete (it can never be
@@ -138,9 +150,7 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     with several processes (``local_rank == 0``); one card or one process keeps every checkpoint."""
     import shutil
 
-    found = sorted((p for p in Path(ckpt_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=_step)
-    complete = [p for p in found if (p / CHECKPOINT_DONE).is_file()]
+    found, complete = _checkpoints(Path(ckpt_dir)), _complete_checkpoints(Path(ckpt_dir))
     if keep <= 0 or not complete:
         return []
     kept = set(complete[-keep:])
@@ -149,3 +159,72 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
     for p in doomed:
         shutil.rmtree(p)
     return [p.name for p in doomed]
+
+
+# --- the run a checkpoint directory belongs to (sft on cpu, collect.prepare_sft on npu) ----------
+# run_state.json: {"max_steps", "completed", "global_step"}, written when a run starts and marked
+# completed once its output is written: asking for sft again after that trains from scratch.
+RUN_STATE = "run_state.json"
+log = logging.getLogger("llamapipe.sft")  # these lines are about sft's checkpoints: its job's logger
+
+
+def set_aside(ckpt_dir: Path) -> Path:
+    """Move a checkpoint directory to ``<name>.stale-<time>`` (kept, not deleted)."""
+    import shutil
+    import time
+
+    stamp = f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = ckpt_dir.with_name(stamp), 1
+    while aside.exists():  # two in one second
+        n += 1
+        aside = ckpt_dir.with_name(f"{stamp}-{n}")
+    shutil.move(str(ckpt_dir), str(aside))
+    return aside
+
+
+def complete_checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (``checkpoint-N`` holding upstream's ``.checkpoint_done``)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return [_step(p) for p in _complete_checkpoints(ckpt_dir)]
+
+
+def _run_state(ckpt_dir: Path) -> dict[str, Any] | None:
+    path = ckpt_dir / RUN_STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished_run(ckpt_dir: Path) -> str | None:
+    """Why the checkpoints in ``ckpt_dir`` are of a finished run, or None (none, or a crashed run).
+
+    ``run_state.json`` decides: written when a run starts, marked completed once its output is
+    written (all its max_steps trained). A run killed after its last checkpoint but before its
+    output resumes (and trains what is left, maybe nothing). A directory without one (written
+    before it existed) resumes too, as it always did: the first rerun after an upgrade (Snakemake
+    reruns sft once: its command changed) costs no training, and marks the run completed."""
+    state = _run_state(ckpt_dir)
+    if not state or not state.get("completed"):
+        return None
+    return f"all {state.get('global_step', state.get('max_steps'))} of {state.get('max_steps')} steps done"
+
+
+def set_aside_finished(ckpt_dir: Path) -> Path | None:
+    """A finished run's checkpoints moved aside, saying so: the run asked for now starts from scratch."""
+    why = finished_run(ckpt_dir) if ckpt_dir.is_dir() else None
+    if not why:
+        return None
+    aside = set_aside(ckpt_dir)
+    log.warning("%s holds a finished run (%s): moved to %s (delete it when no longer needed); "
+                "training again from scratch", ckpt_dir, why, aside)
+    return aside
+
+
+def mark_started(ckpt_dir: Path, max_steps: int) -> None:
+    write_json(ckpt_dir / RUN_STATE, {"max_steps": max_steps, "completed": False})
+
+
+def mark_completed(ckpt_dir: Path, global_step: int | None) -> None:
+    """The run's output is written: asking for it again trains from scratch (``finished_run``)."""
+    state = _run_state(ckpt_dir) or {}
+    state.update(completed=True, global_step=global_step)
+    write_json(ckpt_dir / RUN_STATE, state)

@@ -11,7 +11,6 @@ from typing import Any
 from llamapipe.core import checkpoint_io
 from llamapipe.core.atomic import atomic_dir, write_json
 from llamapipe.core.errors import PipelineError
-from llamapipe.stages import sft
 from llamapipe.stages.progress import plan_message, trainer_entry
 
 log = logging.getLogger("llamapipe.collect")
@@ -41,7 +40,7 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_l
     by save_model(merge_tensor_parallel=True)) -> results/sft; checkpoint-N dirs stay behind,
     at most ``save_total_limit`` of them (the Trainer rotates them only with several processes)."""
     src = Path(ckpt_dir)
-    files = [p for p in src.iterdir() if p.is_file() and p.name != sft.RUN_STATE] if src.is_dir() else []
+    files = [p for p in src.iterdir() if p.is_file() and p.name != checkpoint_io.RUN_STATE] if src.is_dir() else []
     has_config = any((src / name).is_file() for name in ("config.json", "lora_config.json"))
     if not src.is_dir() or not _weights(src) or not has_config:
         raise PipelineError(f"{ckpt_dir} holds no final model (weights and config.json): did training finish?")
@@ -63,7 +62,7 @@ def collect_sft(ckpt_dir: str, out_dir: str, launch_logs: str = "", save_total_l
                    "first_loss": history[0]["loss"] if history else None,
                    "final_loss": history[-1]["loss"] if history else None}
         write_json(tmp / "train_summary.json", summary)
-    sft.mark_completed(src, _final_step(src, history))
+    checkpoint_io.mark_completed(src, _final_step(src, history))
     removed = checkpoint_io.prune_checkpoints(src, save_total_limit)
     if removed:
         log.info("save_total_limit %d: removed %s", save_total_limit, ", ".join(removed))
@@ -85,12 +84,12 @@ def prepare_sft(ckpt_dir: str, max_steps: int, script: str = "run_finetune.py") 
     picks it under ``checkpoint_io.COMPLETE_CHECKPOINTS_ENV``). Says which, with the plan line the
     rule's terminal filter turns upstream's loss lines into progress with."""
     d = Path(ckpt_dir)
-    aside = sft.set_aside_finished(d)
+    aside = checkpoint_io.set_aside_finished(d)
     d.mkdir(parents=True, exist_ok=True)
-    steps = sft.complete_checkpoint_steps(d)
+    steps = checkpoint_io.complete_checkpoint_steps(d)
     start = steps[-1] if steps else 0
-    sft.mark_started(d, max_steps)
-    sft.log.info(plan_message(start, max_steps, script))  # the sft job's own logger, as on cpu
+    checkpoint_io.mark_started(d, max_steps)
+    checkpoint_io.log.info(plan_message(start, max_steps, script))  # the sft job's own logger, as on cpu
     return {"resume_step": start, "max_steps": max_steps, "set_aside": str(aside) if aside else None}
 
 

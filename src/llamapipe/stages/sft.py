@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -34,8 +33,6 @@ log = logging.getLogger("llamapipe.sft")
 
 # Knobs that change what is trained; save/log cadence does not, so it may change across a resume.
 CADENCE_KEYS = {"save_steps", "logging_steps", "save_total_limit"}
-RUN_STATE = "run_state.json"  # {"max_steps", "completed", "global_step"}: the checkpoints' run
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 LORA_TARGET_MODULES = [  # PaddleNLP's LLaMA LoRA targets (llm/utils: get_lora_target_modules)
     ".*q_proj.*",
@@ -65,66 +62,6 @@ def training_identity(params: dict[str, Any], train_file: str, base_dir: str, se
     }
 
 
-def set_aside(ckpt_dir: Path) -> Path:
-    """Move a checkpoint directory to ``<name>.stale-<time>`` (kept, not deleted)."""
-    aside = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while aside.exists():  # two in one second
-        n += 1
-        aside = aside.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-    shutil.move(str(ckpt_dir), str(aside))
-    return aside
-
-
-def complete_checkpoint_steps(ckpt_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints (``checkpoint-N`` holding upstream's ``.checkpoint_done``)."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(int(m.group(1)) for m in (_CHECKPOINT.match(p.name) for p in ckpt_dir.iterdir())
-                  if m and (ckpt_dir / m.group(0) / checkpoint_io.CHECKPOINT_DONE).is_file())
-
-
-def _run_state(ckpt_dir: Path) -> dict[str, Any] | None:
-    path = ckpt_dir / RUN_STATE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def finished_run(ckpt_dir: Path) -> str | None:
-    """Why the checkpoints in ``ckpt_dir`` are of a finished run, or None (none, or a crashed run).
-
-    ``run_state.json`` decides: written when a run starts, marked completed once its output is
-    written (all its max_steps trained). A run killed after its last checkpoint but before its
-    output resumes (and trains what is left, maybe nothing). A directory without one (written
-    before it existed) resumes too, as it always did: the first rerun after an upgrade (Snakemake
-    reruns sft once: its command changed) costs no training, and marks the run completed."""
-    state = _run_state(ckpt_dir)
-    if not state or not state.get("completed"):
-        return None
-    return f"all {state.get('global_step', state.get('max_steps'))} of {state.get('max_steps')} steps done"
-
-
-def set_aside_finished(ckpt_dir: Path) -> Path | None:
-    """A finished run's checkpoints moved aside, saying so: the run asked for now starts from scratch."""
-    why = finished_run(ckpt_dir) if ckpt_dir.is_dir() else None
-    if not why:
-        return None
-    aside = set_aside(ckpt_dir)
-    log.warning("%s holds a finished run (%s): moved to %s (delete it when no longer needed); "
-                "training again from scratch", ckpt_dir, why, aside)
-    return aside
-
-
-def mark_started(ckpt_dir: Path, max_steps: int) -> None:
-    write_json(ckpt_dir / RUN_STATE, {"max_steps": max_steps, "completed": False})
-
-
-def mark_completed(ckpt_dir: Path, global_step: int | None) -> None:
-    """The run's output is written: asking for it again trains from scratch (``finished_run``)."""
-    state = _run_state(ckpt_dir) or {}
-    state.update(completed=True, global_step=global_step)
-    write_json(ckpt_dir / RUN_STATE, state)
-
-
 def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str], max_steps: int | None = None) -> None:
     """Set aside checkpoints of a different run, or (``max_steps`` given) of a finished one, and
     mark the run started (one process does this: rank 0)."""
@@ -133,15 +70,15 @@ def prepare_checkpoint_dir(ckpt_dir: Path, fp: dict[str, str], max_steps: int | 
         old = json.loads(fp_file.read_text()) if fp_file.exists() else None
         if old != fp:
             changed = sorted(k for k in fp if not old or old.get(k) != fp[k])
-            aside = set_aside(ckpt_dir)
+            aside = checkpoint_io.set_aside(ckpt_dir)
             log.warning("checkpoints in %s belong to another run (changed: %s); moved to %s",
                         ckpt_dir, ", ".join(changed) or "no fingerprint", aside)
         elif max_steps:
-            set_aside_finished(ckpt_dir)
+            checkpoint_io.set_aside_finished(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json(fp_file, fp)
     if max_steps:
-        mark_started(ckpt_dir, max_steps)
+        checkpoint_io.mark_started(ckpt_dir, max_steps)
 
 
 def last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -402,6 +339,6 @@ def run(
         tok.save_pretrained(str(tmp))
         shutil.copyfile(loss_log.path, tmp / "train_log.jsonl")
         write_json(tmp / "train_summary.json", summary)
-    mark_completed(Path(ckpt_dir), trainer.state.global_step)
+    checkpoint_io.mark_completed(Path(ckpt_dir), trainer.state.global_step)
     log.info("sft done: step %s, loss %s -> %s", summary["global_step"], summary["first_loss"], summary["final_loss"])
     return summary
