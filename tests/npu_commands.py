@@ -89,7 +89,9 @@ def script_flags(step: list[str], script: str) -> dict[str, str | None]:
 def launcher(step: list[str], script: str) -> tuple[list[str], dict[str, str | None]]:
     """(the argv before the launcher's flags, the launcher's flags) of a paddle.distributed.launch step."""
     head = step.index("paddle.distributed.launch") + 1
-    return step[:head], flags(step[head:step.index(script)])
+    # its flags end at its entry: the script, or the rehearsal's shim script that runs it
+    entry = next((i for i, w in enumerate(step) if w.endswith("cpu_shims_script.py")), step.index(script))
+    return step[:head], flags(step[head:entry])
 
 
 def collective_check(step: list[str]) -> tuple[dict[str, str | None], list[str]]:

@@ -56,8 +56,6 @@ OURS_SFT = {
     "--fp16": ("false", "spelled out with bf16 so a dtype switch in config is one place"),
     "--evaluation_strategy": ("no", "dev.json is the prediction set; predict/evaluate score it"),
     "--metric_for_best_model": (None, "only used with evaluation"),
-    "--report_to": ("none", "VisualDL's add_hparams raises TypeError with current protobuf; loss log from the "
-                             "worker log"),
 }
 UPSTREAM_SFT_LAUNCH = {"--devices": "0,1,2,3,4,5,6,7", "--log_dir": "./sft_bf16_llama_N1C8"}
 OURS_LAUNCH = {"--log_dir": (f"{P}/results/logs/sft_launch", "beside the rule's log; collect-sft reads "
@@ -108,7 +106,6 @@ OURS_PPT = {
     "--sharding_parallel_degree": ("1", "npu.parallel"),
     "--fp16": ("false", "spelled out with bf16"),
     "--recompute": ("false", "npu.parallel.recompute, spelled out"),
-    "--report_to": ("none", "as for SFT"),
 }
 UPSTREAM_PPT_LAUNCH = {"--log_dir": "./ppt_bf16_llama_N1C8"}
 OURS_PPT_LAUNCH = {**OURS_LAUNCH, "--devices": ("0,1,2,3,4,5,6,7", "the cards, as for SFT (upstream relies on "

@@ -54,7 +54,8 @@ PLAN = {"--model": "npu.model_config", "--model-config": "npu.model_config", "--
         "--flash-attention": "npu.fused.use_flash_attention", "--no-flash-attention": "npu.fused.use_flash_attention"}
 
 
-def explain(loc: tuple, runtime: str = "local") -> str | None:
+def explain(loc: tuple, runtime: str = "local", value: str | None = None) -> str | tuple | None:
+    """The listed key (or keys) that explain a difference at ``loc`` (``value``: the rehearsal's)."""
     rule, where, name = loc
     if rule in ("pull_image", "build_image") or (where, name) == ("provenance", "--images"):
         return "npu.image.build"
@@ -76,12 +77,13 @@ def explain(loc: tuple, runtime: str = "local") -> str | None:
         if name.startswith("python -m llamapipe.stages.collect prepare-sft "):
             return "npu.sft"  # its --max-steps
         return "npu.inference_model" if name == "python -c import paddlenlp_ops" else None
-    if where == "runner":
-        return "npu.cpu_shims"
+    if where == "runner":  # through llamapipe.npu.cpu_shims: each named stand-in is a listed key
+        shims = next(w for w in (value or "").split() if w.startswith("--shims="))[len("--shims="):]
+        return tuple(f"npu.cpu_shims.{name}" for name in shims.split(","))
     if where == "launch":
         return "npu.device" if name in ("--devices", "--nproc_per_node") else None
     if where == "collective_check":
-        return "npu.smoke_devices" if name == "--cards" else None
+        return "devices" if name == "--cards" else None  # one process per rank: the smoke test's too
     if where == "plan":
         return PLAN.get(name)
     if where == "download-data":  # url, sha256, where the pin goes: the archive
@@ -128,8 +130,10 @@ def locations(rule: str, command: str) -> dict:
             head = step[:step.index(script)]
             if "paddle.distributed.launch" in head:
                 at = head.index("paddle.distributed.launch") + 1
-                out.update({(rule, "launch", k): v for k, v in flags(head[at:]).items()})
-                head = head[:at]
+                # the launcher's own flags end where its entry starts (the rehearsal's shim script)
+                entry = next((i for i, w in enumerate(head) if w.endswith("cpu_shims_script.py")), len(head))
+                out.update({(rule, "launch", k): v for k, v in flags(head[at:entry]).items()})
+                head = head[:at] + head[entry:]
             out[(rule, "runner", script)] = " ".join(head)
             out.update({(rule, script, k): v for k, v in flags(step[step.index(script) + 1:]).items()})
         elif step[:1] == ["llamapipe"] or step[:3] == ["python", "-m", "llamapipe"]:
@@ -176,13 +180,16 @@ def test_rehearsal_commands_are_the_npu_commands_but_for_the_list(tmp_path, lora
     for rule, command in shell_commands(text.replace(str(checkout), "/opt/PaddleNLP")).items():
         rehearsed.update(locations(rule, command))
     differing = {loc for loc in set(npu) | set(rehearsed) if npu.get(loc) != rehearsed.get(loc)}
-    unexplained = sorted(loc for loc in differing if explain(loc, runtime) is None)
+    unexplained = sorted(loc for loc in differing if explain(loc, runtime, rehearsed.get(loc)) is None)
     assert not unexplained, f"differences not on the rehearsal's list: {unexplained}"
     listed = {d["key"] for d in rehearsal.describe(_resolved(project, checkout, runtime))}
-    used = {explain(loc, runtime) for loc in differing}
+    used: set = set()
+    for loc in differing:
+        key = explain(loc, runtime, rehearsed.get(loc))
+        used.update(key if isinstance(key, tuple) else [key])
     assert listed == used, f"listed but changing nothing: {listed - used}; used but not listed: {used - listed}"
     assert str(checkout) in text
-    for line in ("rehearsal=cpu: the npu target on CPU", "npu.cpu_shims = true"):
+    for line in ("rehearsal=cpu: the npu target on CPU", "npu.cpu_shims.c_concat = true", "npu.parallel = "):
         assert line in text  # the dry-run prints the list
 
 
@@ -309,7 +316,7 @@ def _check_run(project: Path, lora: bool) -> None:
     assert "run_finetune.py" in launch_log and ("'--lora', 'true'" in launch_log) == lora
     prov = json.loads((results / "provenance.json").read_text())
     keys = {d["key"] for d in prov["rehearsal"]["differences"]}
-    assert {"npu.device", "npu.cpu_shims", "npu.inference_model"} <= keys
+    assert {"npu.device", "npu.cpu_shims.c_concat", "npu.parallel", "npu.inference_model"} <= keys
     assert prov["resume"]["exact"] is False and "not bitwise deterministic" in prov["resume"]["why"]
     assert (results / "inference/model.pdiparams").stat().st_size > 0
     merged_config = json.loads((results / "merged/config.json").read_text())
@@ -358,11 +365,11 @@ REHEARSAL_SFT = {
     "--device": ("cpu", "npu.device"), "--model_name_or_path": (f"{P}/results/model/base", "npu.model_name_or_path"),
     "--per_device_train_batch_size": ("8", "npu.sft: the cpu section"),
     "--gradient_accumulation_steps": ("1", "npu.sft"),
-    "--max_steps": ("1000", "npu.sft"), "--learning_rate": ("0.003", "npu.sft"), "--warmup_steps": ("50", "npu.sft"),
+    "--max_steps": ("300", "npu.sft: the rehearsal's schedule"), "--learning_rate": ("0.003", "npu.sft"),
+    "--warmup_steps": ("30", "npu.sft: the rehearsal's schedule"),
     "--save_steps": ("100", "npu.sft"), "--src_length": ("48", "npu.sft"), "--max_length": ("160", "npu.sft"),
     "--bf16": ("false", "npu.sft: float32"), "--fp16_opt_level": ("O1", "npu.fused.fp16_opt_level"),
-    "--tensor_parallel_degree": ("1", "npu.parallel"), "--sequence_parallel": ("false", "npu.parallel"),
-    "--sharding": (None, "npu.parallel: no sharding stage"), "--sharding_parallel_config": (None, "npu.parallel"),
+    "--tensor_parallel_degree": ("2", "npu.parallel: the guide's layout at tensor parallel 2"),
     "--use_flash_attention": ("false", "npu.fused"), "--use_fused_rms_norm": ("false", "npu.fused"),
     "--pad_to_multiple_of": ("16", "npu.fused.pad_to_multiple_of"),
 }
@@ -390,13 +397,14 @@ def test_rehearsal_commands_exactly(tmp_path):
     cmds = {k: parse(v) for k, v in shell_commands(out).items()}
     sft = find_step(cmds["sft"], "run_finetune.py")
     head, launch = launcher(sft, "run_finetune.py")
-    assert launch == {"--nproc_per_node": "1", "--log_dir": f"{project}/results/logs/sft_launch"}
+    assert launch == {"--nproc_per_node": "2", "--log_dir": f"{project}/results/logs/sft_launch"}
     assert script_flags(sft, "run_finetune.py") == expected(UPSTREAM_SFT, {**OURS_SFT, **REHEARSAL_SFT}, project)
     for rule, script, upstream, ours, extra in (
             ("export", "predict/export_model.py", UPSTREAM_EXPORT, OURS_EXPORT, REHEARSAL_EXPORT),
             ("predict", "predict/predictor.py", UPSTREAM_PREDICT, OURS_PREDICT, REHEARSAL_PREDICT)):
         step = find_step(cmds[rule], script)
-        assert step[:4] == ["python", "-m", "llamapipe.npu.cpu_shims", script]
+        assert step[:3] == ["python", "-m", "llamapipe.npu.cpu_shims"] and step[4] == script
+        assert step[3] == "--shims=" + ",".join(rehearsal.CPU_SHIMS)
         assert script_flags(step, script) == expected(upstream, {**ours, **extra}, project)
         assert ["python", "-c", "import paddlenlp_ops"] not in cmds[rule].steps  # the ops are not importable on CPU
         assert not any(s[:1] == ["source"] for s in cmds[rule].steps)
@@ -405,7 +413,7 @@ def test_rehearsal_commands_exactly(tmp_path):
     assert head == ["python", "-u", "-m", "paddle.distributed.launch"]
     check, smoke = collective_check(cmds["smoke_collective"].steps[-1])
     logs = f"{project}/results/logs/smoke_collective_launch"
-    assert check["--cards"] == "0,1"  # npu.smoke_devices: two processes, sft runs one
+    assert check["--cards"] == "0,1"  # the two processes sft runs
     assert launcher(smoke, SMOKE_SCRIPT) == (head, {"--nproc_per_node": "2", "--log_dir": logs})
     assert cmds["smoke_collective"].steps[:-1] == [s for s in cmds["sft"].steps[:cmds["sft"].steps.index(sft)]
                                                    if not sft_only(s)]

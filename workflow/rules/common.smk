@@ -50,7 +50,7 @@ for _line in npu_overrides(config, _shipped):
     logger.warning(_line)
 try:
     # The target's overlays applied (npu.sft over sft, ...), then checked again as a whole.
-    CFG = resolve_config(config)
+    CFG = resolve_config(config, _shipped)
 except PipelineError as err:
     raise WorkflowError(f"config: {err}")
 try:

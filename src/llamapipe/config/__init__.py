@@ -28,16 +28,18 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolve(config: dict) -> dict:
+def resolve(config: dict, shipped: dict | None = None) -> dict:
     """The effective config: the target's overlays applied, every cross-field rule checked
-    (``llamapipe.config.rules``, all problems in one error), then the parallel layout planned."""
+    (``llamapipe.config.rules``, all problems in one error), then the parallel layout planned.
+    ``shipped``: config.yaml's values, defaults filled in (the rehearsal keeps an sft schedule the
+    user changed from them)."""
     cfg = copy.deepcopy(config)
     # a rehearsal of the cpu target has no npu settings to replace: nothing else can be resolved
     _stop_on(config_rules.rehearsal_needs_npu_target(cfg))
     if cfg.get("rehearsal"):
         from llamapipe.config import rehearsal
 
-        rehearsal.apply(cfg)  # the listed differences from a real NPU run, nothing else
+        rehearsal.apply(cfg, shipped)  # the listed differences from a real NPU run, nothing else
     if cfg["target"] == "npu":
         _overlay_npu(cfg)
     _stop_on(config_rules.check(cfg))

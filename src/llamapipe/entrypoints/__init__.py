@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 CLI_SCRIPT = os.path.join("llamapipe", "entrypoints", "cli_script.py")  # the CLI (sft under the launcher)
+CPU_SHIMS_SCRIPT = os.path.join("llamapipe", "entrypoints", "cpu_shims_script.py")  # upstream scripts on CPU
 SMOKE_SCRIPT = os.path.join("llamapipe", "stages", "smoke_collective.py")  # the collective smoke test
 
 

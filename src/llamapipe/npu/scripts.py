@@ -18,7 +18,7 @@ from typing import Any, Callable
 from llamapipe.config.paths import local_model_dir
 from llamapipe.core import checkpoint_io
 from llamapipe.core.cards import parse_cards
-from llamapipe.entrypoints import SMOKE_SCRIPT, package_src_dir
+from llamapipe.entrypoints import CPU_SHIMS_SCRIPT, SMOKE_SCRIPT, package_src_dir
 from llamapipe.npu import upstream_args
 from llamapipe.scaleout import launch
 from llamapipe.scaleout.launch import LaunchLayout
@@ -56,9 +56,23 @@ def _model(cfg: dict, paths: dict, project: str) -> str:
     return local_model_dir(cfg, project) or cfg["npu"]["model_name_or_path"]
 
 
+def _shims(cfg: dict) -> list[str]:
+    """``--shims=...``: the rehearsal's CPU stand-ins (``npu.cpu_shims``), none on the cards."""
+    names = [name for name, on in cfg["npu"]["cpu_shims"].items() if on]
+    return [f"--shims={','.join(names)}"] if names else []
+
+
 def _python(cfg: dict) -> list[str]:
     """How upstream scripts are started (the rehearsal: through llamapipe.npu.cpu_shims)."""
-    return ["python", "-m", "llamapipe.npu.cpu_shims"] if cfg["npu"]["cpu_shims"] else ["python"]
+    shims = _shims(cfg)
+    return ["python", "-m", "llamapipe.npu.cpu_shims", *shims] if shims else ["python"]
+
+
+def _launched(cfg: dict, script: str) -> list[str]:
+    """What the launcher starts in each process: upstream's script (the rehearsal: through the
+    CPU shims, as a script path since the launcher cannot start a module)."""
+    shims = _shims(cfg)
+    return [os.path.join(package_src_dir(), CPU_SHIMS_SCRIPT), *shims, script] if shims else [script]
 
 
 def _ops_install(cfg: dict, paths: dict, project: str) -> list[str]:
@@ -109,7 +123,7 @@ def sft_script(cfg: dict, paths: dict, project: str, layout: LaunchLayout) -> li
         script, args = "run_pretrain.py", upstream_args.pretrain_args(cfg, model, input_dir, out, cache)
     else:
         script, args = "run_finetune.py", upstream_args.finetune_args(cfg, model, _abs(project, paths["data"]), out)
-    argv_launch = launch.launch_argv(layout, [script], _abs(project, paths["sft_launch_logs"])) + args
+    argv_launch = launch.launch_argv(layout, _launched(cfg, script), _abs(project, paths["sft_launch_logs"])) + args
     plain = ["export NO_COLOR=1"]
     if launch.by_srun(layout):
         return bash_script(cfg, [*training_env(cfg), *plain, launch.shell_line(argv_launch)])

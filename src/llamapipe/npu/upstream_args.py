@@ -24,7 +24,8 @@ def _flag(value: Any) -> str:
 def _args(pairs: list) -> list[str]:
     out: list[str] = []
     for name, value in pairs:
-        out += [f"--{name}", _flag(value)]
+        if value is not None:  # None: not passed, upstream's default
+            out += [f"--{name}", _flag(value)]
     return out
 
 
