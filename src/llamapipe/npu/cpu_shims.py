@@ -1,7 +1,7 @@
 """Run one of PaddleNLP's ``llm/`` scripts on CPU with the rehearsal's stand-ins for what Paddle lacks there.
 
-    python -m llamapipe.npu.cpu_shims --shims=c_identity,c_concat predict/export_model.py --model_name_or_path ...
-    python -m paddle.distributed.launch ... <src>/llamapipe/entrypoints/cpu_shims_script.py --shims=... run_finetune.py ...
+    python -m llamapipe.npu.cpu_shims --shims=c_identity,... predict/export_model.py --model_name_or_path ...
+    python -m paddle.distributed.launch ... <src>/llamapipe/entrypoints/cpu_shims_script.py --shims=... run_finetune.py
 
 The NPU run calls the same scripts with plain ``python`` (or the launcher); the rehearsal
 (``rehearsal: cpu``) calls them through this module, which replaces the named Paddle calls and
@@ -117,7 +117,8 @@ def gloo_calc_stream():
 
         return run
 
-    for name in ("all_reduce", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter_tensor", "send", "recv"):
+    calls = ("all_reduce", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter_tensor", "send", "recv")
+    for name in calls:
         setattr(core.ProcessGroupGloo, name + "_on_calc_stream", synchronous(name))
 
 
