@@ -57,7 +57,8 @@ CPU_SHIMS = {  # llamapipe.npu.cpu_shims: the Paddle call each one replaces, and
                               "a CPU process is device 0",
     "export_without_top_p": "paddlenlp.generation.GenerationMixin.to_static (export; the one stand-in outside "
                             "Paddle, kept from before the tensor-parallel rehearsal): traces "
-                            "paddle.tensor.top_p_sampling, which has no float32 CPU kernel ('Check data type error for op: top_p_sampling'); "
+                            "paddle.tensor.top_p_sampling, which has no float32 CPU kernel ('Check data type "
+                            "error for op: top_p_sampling'); "
                             "exports with use_top_p=False (the predictor's greedy_search uses greedy/top-k only)",
     "predictor_without_inplace_pass": "paddle.inference.create_predictor (predict): Paddle Inference's PIR "
                                       "inplace_pass with oneDNN corrupts the exported decode loop on CPU (tokens "
