@@ -467,3 +467,46 @@ def test_rehearsal_two_node_stand_in_runs_upstream_finetune_data_parallel(tmp_pa
     assert [e["step"] for e in log] == list(range(1, 31))
     kept = sorted(p.name for p in (project / "results/checkpoints/sft").glob("checkpoint-*"))
     assert kept == ["checkpoint-20", "checkpoint-30"]  # two processes: upstream's own rotation
+
+
+def _trained_losses(sft_dir: Path) -> dict[int, float]:
+    """Upstream's own per-step losses (trainer_state.json's log_history: restored on resume)."""
+    history = json.loads((sft_dir / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
+
+
+@pytest.mark.e2e
+@needs_checkout
+def test_rehearsal_tensor_parallel_resumes_after_a_kill_with_the_same_losses(tmp_path):
+    """The guide's layout at tensor parallel 2: sft killed (SIGKILL to the whole job) after its
+    step-20 checkpoint, then rerun, against the same 40 steps uninterrupted."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import SNAKEMAKE
+
+    project = copy_project(tmp_path / "project")
+    (project / "short.yaml").write_text("sft:\n  max_steps: 40\n  save_steps: 20\n  warmup_steps: 5\n")
+    args = ["results/sft", "--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu"]
+    snakemake(project, "--cores", "2", *args, timeout=1200)
+    whole = _trained_losses(project / "results/sft")
+    assert sorted(whole) == list(range(1, 41))
+    # asked again, sft trains from scratch (the finished run's checkpoints are set aside)
+    proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "-f", *args], cwd=project, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = project / "results/checkpoints/sft/checkpoint-20/.checkpoint_done"
+    deadline = time.time() + 600
+    while not done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert done.exists(), "no complete step-20 checkpoint before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "results/sft").exists()
+    rerun = snakemake(project, "--cores", "2", "--rerun-incomplete", *args, timeout=1200)
+    log = (project / "results/logs/sft.log").read_text()
+    assert "checkpoint-20" in log, rerun.stdout[-2000:]  # upstream resumed from it
+    resumed = _trained_losses(project / "results/sft")
+    assert sorted(resumed) == list(range(1, 41))
+    after = {step: (whole[step], resumed[step]) for step in range(21, 41)}
+    assert all(a == b for a, b in after.values()), after  # measured: equal to the printed digits
