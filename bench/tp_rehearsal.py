@@ -46,8 +46,8 @@ def _sft_launch(project: Path, env: dict) -> tuple[list[str], list[str], str]:
     """(exports, the launcher's argv, the directory it runs in) of the rehearsal's sft rule."""
     out = subprocess.run([str(Path(C.PYTHON).parent / "snakemake"), "-n", "-p", "-F", "results/sft", *REHEARSAL],
                          cwd=project, env=env, capture_output=True, text=True, check=True).stdout
-    shell = next(line for line in out.splitlines() if "run_finetune.py" in line and line.startswith("bash -c"))
-    script = shlex.split(shell)[2]
+    shell = next(line for line in out.splitlines() if "run_finetune.py" in line and "bash -c" in line)
+    script = shlex.split(shell[shell.index("bash -c"):])[2]
     steps = [shlex.split(step) for step in script.split("; ")]
     exports = [s[1] for s in steps if s[:1] == ["export"] and "$" not in s[1]]
     cwd = next(s[1] for s in steps if s[:1] == ["cd"] and s[1].endswith("/llm"))
@@ -113,12 +113,12 @@ def per_step(project: Path, env: dict, work: Path, steps: int) -> dict:
 
 def whole_rehearsal(base: Path, env: dict, extra: list[str], log: Path) -> dict:
     project = C.fresh_copy(base)
-    wall = _snakemake(project, ["results/predictions.json", *REHEARSAL, *extra], env, log)
+    wall = _snakemake(project, ["results/metrics.json", *REHEARSAL, *extra], env, log)
     results = project / "results"
     stage = {p.stem: float(p.read_text().splitlines()[1].split("\t")[0])
              for p in (results / "benchmarks").glob("*.tsv")}
     log_lines = [json.loads(x) for x in (results / "sft/train_log.jsonl").read_text().splitlines()]
-    metrics = json.loads((results / "metrics.json").read_text())
+    metrics = json.loads((results / "metrics.json").read_text())  # evaluate: after predict
     return {"wall_s": round(wall, 1), "sft_s": stage.get("sft"), "steps": len(log_lines),
             "first_loss": log_lines[0]["loss"], "last_loss": log_lines[-1]["loss"],
             "last10_mean_loss": round(sum(e["loss"] for e in log_lines[-10:]) / 10, 4),

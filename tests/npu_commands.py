@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from llamapipe.runners import commands
 
 UPSTREAM_SCRIPTS = ("run_finetune.py", "run_pretrain.py", "predict/export_model.py", "predict/predictor.py",
-                    "tools/merge_lora_params.py")
+                    "tools/merge_lora_params.py", "tools/merge_tp_and_pp_params.py")
 # the collective smoke test's per-rank script, as the launcher gets it (an absolute path)
 SMOKE_SCRIPT = os.path.join(commands.package_src_dir(), commands.SMOKE_SCRIPT)
 COLLECTIVE_CHECK = ["python", "-m", "llamapipe.scaleout.collective_check"]

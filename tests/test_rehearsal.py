@@ -74,6 +74,8 @@ def explain(loc: tuple, runtime: str = "local", value: str | None = None) -> str
             return "npu.ascend_env"
         if name.startswith("export GLOO_SOCKET_IFNAME="):
             return "npu.env.GLOO_SOCKET_IFNAME"
+        if name.startswith("export OMP_NUM_THREADS="):
+            return "npu.env.OMP_NUM_THREADS"
         if name.startswith("python -m llamapipe.stages.collect prepare-sft "):
             return "npu.sft"  # its --max-steps
         return "npu.inference_model" if name == "python -c import paddlenlp_ops" else None
@@ -510,3 +512,36 @@ def test_rehearsal_tensor_parallel_resumes_after_a_kill_with_the_same_losses(tmp
     assert sorted(resumed) == list(range(1, 41))
     after = {step: (whole[step], resumed[step]) for step in range(21, 41)}
     assert all(a == b for a, b in after.values()), after  # measured: equal to the printed digits
+
+
+@pytest.mark.parametrize("layout, procs, merge", [
+    ({}, "2", None),
+    ({"tensor_parallel_degree": 1, "sequence_parallel": False}, "1", None),
+    ({"tensor_parallel_degree": 1, "sequence_parallel": False, "sharding_parallel_degree": 2}, "2", None),
+    ({"tensor_parallel_degree": 1, "sequence_parallel": False, "pipeline_parallel_degree": 2}, "2", "0"),
+    ({"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2}, "4", "2"),
+], ids=["default-tp2", "one-process", "sharding2", "pp2", "tp2-pp2"])
+def test_a_pinned_layout_is_rehearsed_one_process_per_rank(tmp_path, layout, procs, merge):
+    """A layout given on the command line runs as pinned; with pipeline parallel, upstream's
+    merge_tp_and_pp_params.py joins the per-stage final save before collect-sft."""
+    from npu_commands import find_step, launcher, script_flags
+
+    project = copy_project(tmp_path / "project").resolve()
+    checkout = fake_checkout(tmp_path / "PaddleNLP")
+    pin = ["npu={parallel: {" + ", ".join(f"{k}: {str(v).lower()}" for k, v in layout.items()) + "}}"] if layout else []
+    out = snakemake(project, "-n", "-p", "results/sft", "--config", "target=npu", "rehearsal=cpu", *pin,
+                    env={rehearsal.CHECKOUT_ENV: str(checkout)}).stdout
+    sft = parse(shell_commands(out)["sft"])
+    run = find_step(sft, "run_finetune.py")
+    assert launcher(run, "run_finetune.py")[1]["--nproc_per_node"] == procs
+    for key, value in layout.items():
+        assert script_flags(run, "run_finetune.py")[f"--{key}"] == str(value).lower()
+    merges = [s for s in sft.steps if "tools/merge_tp_and_pp_params.py" in s]
+    if merge is None:
+        assert not merges
+    else:
+        (step,) = merges
+        flags_ = script_flags(step, "tools/merge_tp_and_pp_params.py")
+        assert flags_ == {"--model_name_or_path": f"{project}/results/checkpoints/sft", "--device": "cpu",
+                          "--pipeline_parallel_degree": "2", "--tensor_parallel_degree": merge}
+        assert sft.steps.index(step) == sft.steps.index(run) + 1  # before collect-sft

@@ -24,6 +24,7 @@ CHECKOUT_FILES = (
     "llm/predict/export_model.py",
     "llm/predict/predictor.py",
     "llm/tools/merge_lora_params.py",
+    "llm/tools/merge_tp_and_pp_params.py",
     "llm/devices/npu/llama/export_utils.py",
     "csrc/npu/setup.py",
 )

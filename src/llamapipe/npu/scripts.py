@@ -128,8 +128,9 @@ def sft_script(cfg: dict, paths: dict, project: str, layout: LaunchLayout) -> li
     if launch.by_srun(layout):
         return bash_script(cfg, [*training_env(cfg), *plain, launch.shell_line(argv_launch)])
     run = launch.node_command(layout, argv_launch)
+    after = [*_merge_pipeline_stages(cfg, paths, project), _collect_sft(cfg, paths, project)]
     return bash_script(cfg, [*training_env(cfg), *plain, shlex.join(_prepare_sft(cfg, paths, project, script)),
-                             shlex.join(run), shlex.join(_collect_sft(cfg, paths, project))])
+                             shlex.join(run), *[shlex.join(step) for step in after]])
 
 
 def prepare_sft_script(cfg: dict, paths: dict, project: str) -> list[str]:
@@ -144,6 +145,23 @@ def _prepare_sft(cfg: dict, paths: dict, project: str, script: str) -> list[str]
             _abs(project, paths["sft_checkpoints"]), "--max-steps", str(cfg["sft"]["max_steps"]), f"--script={script}"]
 
 
+def _merge_pipeline_stages(cfg: dict, paths: dict, project: str) -> list[list[str]]:
+    """With pipeline parallel, upstream's final save is one file per stage
+    (``model_state.pp0N.pdparams``, ``model_state.tp0M_pp0N.pdparams`` with tensor parallel too),
+    which no later stage loads: upstream's ``tools/merge_tp_and_pp_params.py`` joins them into
+    ``model_state.pdparams`` in place. Its ``--tensor_parallel_degree 0`` is how it names "pp
+    files without a tp part" (with 1 it looks for ``tp00_pp0N``). Full fine-tuning only: the tool
+    knows no LoRA files."""
+    par = cfg["npu"]["parallel"]
+    if par["pipeline_parallel_degree"] <= 1 or cfg["sft"]["lora"] or cfg["npu"]["pretrain"]["enabled"]:
+        return []
+    tp = par["tensor_parallel_degree"]
+    return [_python(cfg) + ["tools/merge_tp_and_pp_params.py", "--model_name_or_path",
+                            _abs(project, paths["sft_checkpoints"]), "--device", cfg["npu"]["device"],
+                            "--pipeline_parallel_degree", str(par["pipeline_parallel_degree"]),
+                            "--tensor_parallel_degree", str(tp if tp > 1 else 0)]]
+
+
 def _collect_sft(cfg: dict, paths: dict, project: str) -> list[str]:
     return ["python", "-m", "llamapipe", "collect-sft", "--ckpt-dir", _abs(project, paths["sft_checkpoints"]),
             "--launch-logs", _abs(project, paths["sft_launch_logs"]), "--out", _abs(project, paths["sft"]),
@@ -151,7 +169,8 @@ def _collect_sft(cfg: dict, paths: dict, project: str) -> list[str]:
 
 
 def collect_sft_script(cfg: dict, paths: dict, project: str) -> list[str]:
-    return bash_script(cfg, [shlex.join(_collect_sft(cfg, paths, project))])
+    steps = [*_merge_pipeline_stages(cfg, paths, project), _collect_sft(cfg, paths, project)]
+    return bash_script(cfg, [shlex.join(step) for step in steps])
 
 
 def smoke_collective_script(cfg: dict, paths: dict, project: str, layout: LaunchLayout) -> list[str]:
