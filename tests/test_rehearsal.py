@@ -74,8 +74,8 @@ def explain(loc: tuple, runtime: str = "local", value: str | None = None) -> str
             return "npu.ascend_env"
         if name.startswith("export GLOO_SOCKET_IFNAME="):
             return "npu.env.GLOO_SOCKET_IFNAME"
-        if name.startswith("export OMP_NUM_THREADS="):
-            return "npu.env.OMP_NUM_THREADS"
+        if name.startswith(("export OMP_NUM_THREADS=", "export MKL_NUM_THREADS=")):
+            return f"npu.env.{name.split()[1].split('=')[0]}"
         if name.startswith("python -m llamapipe.stages.collect prepare-sft "):
             return "npu.sft"  # its --max-steps
         return "npu.inference_model" if name == "python -c import paddlenlp_ops" else None
