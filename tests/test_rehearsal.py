@@ -453,7 +453,9 @@ def test_rehearsal_two_node_stand_in_runs_upstream_finetune_data_parallel(tmp_pa
         port = s.getsockname()[1]
     project = copy_project(tmp_path / "project")
     (project / "short.yaml").write_text("sft:\n  max_steps: 30\n  save_steps: 10\n  warmup_steps: 5\n"
-                                        f"npu:\n  nodes: 2\n  master: '127.0.0.1:{port}'\n")
+                                        f"npu:\n  nodes: 2\n  master: '127.0.0.1:{port}'\n"
+                                        # one rank per node (the default layout would run tp 2 on each)
+                                        "  parallel: {tensor_parallel_degree: 1, sequence_parallel: false}\n")
     proc = snakemake(project, "results/sft", "--cores", "2", "--configfile", "short.yaml", "--config", "target=npu",
                      "rehearsal=cpu", env={rehearsal.CHECKOUT_ENV: CHECKOUT}, timeout=1800)
     out = proc.stdout + proc.stderr
@@ -471,10 +473,13 @@ def test_rehearsal_two_node_stand_in_runs_upstream_finetune_data_parallel(tmp_pa
     assert kept == ["checkpoint-20", "checkpoint-30"]  # two processes: upstream's own rotation
 
 
-def _trained_losses(sft_dir: Path) -> dict[int, float]:
-    """Upstream's own per-step losses (trainer_state.json's log_history: restored on resume)."""
-    history = json.loads((sft_dir / "trainer_state.json").read_text())["log_history"]
-    return {e["step"]: e["loss"] for e in history if "loss" in e}
+def _trained_losses(project: Path) -> dict[int, float]:
+    """Upstream's per-step losses, as rank 0's worker log has them (a step logged twice, by a run
+    killed after its checkpoint and by the rerun that resumed there: the rerun's)."""
+    from llamapipe.stages.collect import parse_trainer_log
+
+    lines = (project / "results/logs/sft_launch/workerlog.0").read_text(errors="replace").splitlines()
+    return {e["step"]: e["loss"] for e in parse_trainer_log(lines)}
 
 
 @pytest.mark.e2e
@@ -492,23 +497,28 @@ def test_rehearsal_tensor_parallel_resumes_after_a_kill_with_the_same_losses(tmp
     (project / "short.yaml").write_text("sft:\n  max_steps: 40\n  save_steps: 20\n  warmup_steps: 5\n")
     args = ["results/sft", "--configfile", "short.yaml", "--config", "target=npu", "rehearsal=cpu"]
     snakemake(project, "--cores", "2", *args, timeout=1200)
-    whole = _trained_losses(project / "results/sft")
+    whole = _trained_losses(project)
     assert sorted(whole) == list(range(1, 41))
     # asked again, sft trains from scratch (the finished run's checkpoints are set aside)
+    started = time.time()
     proc = subprocess.Popen([*SNAKEMAKE, "--cores", "2", "-f", *args], cwd=project, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = project / "results/checkpoints/sft/checkpoint-20/.checkpoint_done"
+
+    def saved_by_this_run() -> bool:  # not the first run's, which prepare-sft sets aside first
+        return done.exists() and done.stat().st_mtime > started
+
     deadline = time.time() + 600
-    while not done.exists() and proc.poll() is None and time.time() < deadline:
+    while not saved_by_this_run() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert done.exists(), "no complete step-20 checkpoint before the kill"
+    assert saved_by_this_run(), "no complete step-20 checkpoint before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (project / "results/sft").exists()
     rerun = snakemake(project, "--cores", "2", "--rerun-incomplete", *args, timeout=1200)
     log = (project / "results/logs/sft.log").read_text()
-    assert "checkpoint-20" in log, rerun.stdout[-2000:]  # upstream resumed from it
-    resumed = _trained_losses(project / "results/sft")
+    out = rerun.stdout + rerun.stderr
+    assert "rule sft:" in out and "checkpoint-20" in log, out[-2000:]  # the rerun resumed from it
+    resumed = _trained_losses(project)
     assert sorted(resumed) == list(range(1, 41))
     after = {step: (whole[step], resumed[step]) for step in range(21, 41)}
     assert all(a == b for a, b in after.values()), after  # measured: equal to the printed digits
@@ -545,3 +555,25 @@ def test_a_pinned_layout_is_rehearsed_one_process_per_rank(tmp_path, layout, pro
         assert flags_ == {"--model_name_or_path": f"{project}/results/checkpoints/sft", "--device": "cpu",
                           "--pipeline_parallel_degree": "2", "--tensor_parallel_degree": merge}
         assert sft.steps.index(step) == sft.steps.index(run) + 1  # before collect-sft
+
+
+@pytest.mark.e2e
+@needs_checkout
+def test_rehearsal_pipeline_parallel_end_to_end(tmp_path):
+    """pp 2: upstream's final save is one file per stage; its merge_tp_and_pp_params.py joins them
+    and the stages after sft take the one model (without it collect-sft found no final model)."""
+    project = copy_project(tmp_path / "project")
+    (project / "pp.yaml").write_text(
+        "npu:\n  parallel: {tensor_parallel_degree: 1, sequence_parallel: false, pipeline_parallel_degree: 2}\n"
+        "sft:\n  max_steps: 60\n  save_steps: 30\n  warmup_steps: 5\n")
+    snakemake(project, "--cores", "2", "results/metrics.json", "--configfile", "pp.yaml", "--config", "target=npu",
+              "rehearsal=cpu", timeout=1800)
+    ckpt = project / "results/checkpoints/sft"
+    assert (ckpt / "model_state.pp00.pdparams").is_file() and (ckpt / "model_state.pp01.pdparams").is_file()
+    import paddle
+
+    merged = paddle.load(str(project / "results/sft/model_state.pdparams"), return_numpy=True)
+    stages = {**paddle.load(str(ckpt / "model_state.pp00.pdparams"), return_numpy=True),
+              **paddle.load(str(ckpt / "model_state.pp01.pdparams"), return_numpy=True)}
+    assert sorted(merged) == sorted(stages) and all((merged[k] == stages[k]).all() for k in stages)
+    assert json.loads((project / "results/metrics.json").read_text())["samples"] > 0
