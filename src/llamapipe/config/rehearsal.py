@@ -159,8 +159,8 @@ def _layout(cfg: dict) -> list[Difference]:
     found = [
         Difference("npu.parallel", layout, "npu.parallel as pinned (command line or config file), else the "
                    "guide's layout shrunk to two processes: tensor parallel 2 (the guide: 8), sharding stage1 with "
-                   "tensor fusion and overlap, sequence parallel ('npu={parallel: {tensor_parallel_degree: 1, sequence_parallel: "
-                   "false}}': the one-process rehearsal)"),
+                   "tensor fusion and overlap, sequence parallel ('npu={parallel: {tensor_parallel_degree: 1, "
+                   "sequence_parallel: false}}': the one-process rehearsal)"),
         Difference("devices", ",".join(str(i) for i in range(ranks)), "one CPU process per rank of the layout "
                    "stands in for the cards"),
     ]
