@@ -292,6 +292,8 @@ def test_paddlenlps_logger_writes_no_colour_codes_under_no_color():
 STAND_IN_TRAINER = """\
 import argparse, json, os, sys, time
 from pathlib import Path
+if os.environ.get("PADDLE_TRAINER_ID", "0") != "0":
+    sys.exit(0)  # one writer: the rehearsal's default layout starts two ranks, rank 0 logs and saves
 p = argparse.ArgumentParser()
 for flag in ("--output_dir", "--max_steps", "--save_steps"):
     p.add_argument(flag)
