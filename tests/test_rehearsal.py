@@ -563,7 +563,7 @@ def test_a_pinned_layout_is_rehearsed_one_process_per_rank(tmp_path, layout, pro
 @needs_checkout
 def test_rehearsal_pipeline_parallel_end_to_end(tmp_path):
     """pp 2: upstream's final save is one file per stage; its merge_tp_and_pp_params.py joins them
-    and the stages after sft take the one model (without it collect-sft found no final model)."""
+    and the stages after sft take the one model (without it there is no single model file to load)."""
     project = copy_project(tmp_path / "project")
     (project / "pp.yaml").write_text(
         "npu:\n  parallel: {tensor_parallel_degree: 1, sequence_parallel: false, pipeline_parallel_degree: 2}\n"
