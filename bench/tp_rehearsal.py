@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import subprocess
 import time
@@ -34,7 +33,6 @@ from pathlib import Path
 import _common as C
 
 REHEARSAL = ["--config", "target=npu", "rehearsal=cpu"]
-LOSS = re.compile(r"loss: ([0-9.]+), learning_rate: [^,]+, global_step: (\d+),")
 
 
 def _snakemake(project: Path, args: list[str], env: dict, log: Path) -> float:
@@ -62,8 +60,10 @@ def _set(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 def _losses(log_dir: Path) -> list[float]:
-    found = sorted((int(step), float(loss)) for loss, step in LOSS.findall((log_dir / "workerlog.0").read_text()))
-    return [loss for _, loss in found]
+    from llamapipe.stages.collect import parse_trainer_log  # collect-sft's own reading of the log
+
+    lines = (log_dir / "workerlog.0").read_text(errors="replace").splitlines()
+    return [entry["loss"] for entry in parse_trainer_log(lines)]
 
 
 def per_step(project: Path, env: dict, work: Path, steps: int) -> dict:

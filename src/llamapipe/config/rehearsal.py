@@ -12,6 +12,7 @@ substituted are the rehearsal's commands (``tests/test_rehearsal.py`` checks it 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -153,9 +154,7 @@ def _layout(cfg: dict) -> list[Difference]:
     layout at tensor parallel 2 (:data:`REHEARSAL_PARALLEL`)."""
     pinned = cfg["npu"]["parallel"]
     layout = dict(AUTO_DEFAULTS, **pinned) if isinstance(pinned, dict) else REHEARSAL_PARALLEL
-    ranks = 1
-    for key in DEGREE_KEYS:
-        ranks *= int(layout[key])
+    ranks = math.prod(int(layout[key]) for key in DEGREE_KEYS)
     found = [
         Difference("npu.parallel", layout, "npu.parallel as pinned (command line or config file), else the "
                    "guide's layout shrunk to two processes: tensor parallel 2 (the guide: 8), sharding stage1 with "

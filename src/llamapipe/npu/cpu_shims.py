@@ -36,7 +36,10 @@ def _gather_last_axis(tensor, group):
     return paddle.concat(parts, axis=-1)
 
 
+@functools.cache
 def _concat_layer():
+    """One PyLayer class, shared by c_concat and c_softmax_with_cross_entropy (built on first use:
+    this module imports no Paddle at load)."""
     from paddle.autograd import PyLayer
 
     class ConcatOverRanks(PyLayer):
