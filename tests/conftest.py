@@ -83,3 +83,20 @@ def planned_jobs(workdir: Path, *args: str) -> set:
 @pytest.fixture
 def project_copy(tmp_path):
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The default pipeline run exactly as users type it, then asked for the metrics and the
+    report too: one for the session (the e2e, serving and chat tests read it; a test that
+    changes it puts it back)."""
+    reuse = os.environ.get("LLAMAPIPE_TEST_FINISHED_RUN")  # a developer's shortcut, never set by CI
+    if reuse:
+        project = tmp_path_factory.mktemp("run") / "project"
+        shutil.copytree(reuse, project, symlinks=True)
+        return project
+    project = copy_project(tmp_path_factory.mktemp("run") / "project")
+    snakemake(project, "--cores", "8", "results/predictions.json")
+    snakemake(project, "--cores", "2")  # the default target: metrics, plots, tables, provenance
+    snakemake(project, "--report", "results/report.html")
+    return project

@@ -110,11 +110,32 @@ def npu_overrides(config: dict, defaults: dict) -> list[str]:
     return lines
 
 
-def load(path: str, schema: str | None = None) -> dict:
-    """config.yaml validated with defaults filled in, as common.smk does, then resolved: for
-    tools and tests that work without Snakemake."""
+def load(path: str, schema: str | None = None, overrides: list[str] | None = None,
+         configfiles: list[str] | None = None) -> dict:
+    """config.yaml checked and resolved as common.smk does it, for tools that work without
+    Snakemake (``llamapipe serve``, ``chat``, ``predict`` without ``--params``): ``configfiles``
+    (``--configfile``) merged over it, then ``overrides`` (``--config key=value`` entries, read
+    by Snakemake's own parser), the strings typed by the schema, defaults filled in."""
     import yaml
 
     with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
-    return resolve(validation.checked(raw, validation.config_schema(schema)))
+        shipped_raw = yaml.safe_load(f)
+    raw = copy.deepcopy(shipped_raw)
+    for extra in configfiles or []:
+        with open(extra, encoding="utf-8") as f:
+            raw = deep_merge(raw, yaml.safe_load(f) or {})
+    if overrides:
+        raw = deep_merge(raw, _parse_overrides(overrides))
+    root = validation.config_schema(schema)
+    shipped, _ = validation.validate(shipped_raw, root)
+    return resolve(validation.checked(validation.coerce(raw, root), root), shipped)
+
+
+def _parse_overrides(entries: list[str]) -> dict:
+    """``key=value`` entries exactly as ``snakemake --config`` reads them."""
+    from snakemake.cli import parse_config
+
+    try:
+        return parse_config(entries)
+    except ValueError as err:
+        raise PipelineError(f"--config: {err}") from err

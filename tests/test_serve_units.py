@@ -1,0 +1,163 @@
+"""The serving logic without a model: batching, limits, streaming's settled text, the app's
+refusals. The engine here is a stand-in (``EchoEngine``: it decodes by reversing the prompt),
+so these run in seconds; tests/test_serve.py runs the same app on the real exported model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from llamapipe.core.errors import PipelineError
+from llamapipe.serving.batcher import Batcher, QueueFull
+from llamapipe.serving.engine import Completion, Engine, EngineInfo, Limits, prompt_of_messages
+from llamapipe.serving.openai_api import Api, create_app, cut_at_stop, settled_prefix
+from llamapipe.serving.server import api_key_from, is_loopback, serve_settings
+
+SETTINGS = serve_settings({})
+
+
+class EchoEngine(Engine):
+    """Answers a prompt with it reversed, a character a step; records the batches it was given."""
+
+    def __init__(self, delay: float = 0.0):
+        self.info = EngineInfo(model="echo", limits=Limits(src_length=10, max_new_tokens=8, default_max_tokens=6))
+        self.batches: list[list[str]] = []
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(prompt) + 1
+
+    def generate(self, prompts, max_new_tokens, on_text=None):
+        self.gate.wait()
+        self.batches.append(list(prompts))
+        answers = [p[::-1][:n] for p, n in zip(prompts, max_new_tokens)]
+        for step in range(1, max(len(a) for a in answers) + 1):
+            time.sleep(self.delay)
+            if on_text:
+                on_text([a[:step] for a in answers])
+        return [Completion(a, len(p) + 1, len(a), "length" if len(a) == n else "stop")
+                for p, a, n in zip(prompts, answers, max_new_tokens)]
+
+
+def _client(engine: Engine, **settings) -> tuple[httpx.AsyncClient, Batcher]:
+    s = {**SETTINGS, **settings}
+    batcher = Batcher(engine, s["max_batch_size"], s["batch_window_ms"] / 1000, s["max_queue"])
+    batcher.start()
+    app = create_app(Api(engine, batcher, s, api_key=s.get("key")))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), batcher
+
+
+def test_concurrent_requests_share_one_batch_and_each_gets_its_own_answer():
+    engine = EchoEngine()
+
+    async def go():
+        client, batcher = _client(engine, batch_window_ms=200)
+        rs = await asyncio.gather(*[client.post("/v1/completions", json={"prompt": f"ab{i}"}) for i in range(5)])
+        batcher.stop()
+        return rs
+
+    rs = asyncio.run(go())
+    assert [r.json()["choices"][0]["text"] for r in rs] == [f"{i}ba" for i in range(5)]
+    assert engine.batches == [[f"ab{i}" for i in range(5)]]
+    assert {r.headers["x-batch-size"] for r in rs} == {"5"}
+
+
+def test_batch_cap_splits_a_burst():
+    engine = EchoEngine()
+    engine.gate.clear()  # hold the first batch until all are queued
+
+    async def go():
+        client, batcher = _client(engine, batch_window_ms=50, max_batch_size=3)
+        tasks = [asyncio.create_task(client.post("/v1/completions", json={"prompt": str(i)})) for i in range(7)]
+        await asyncio.sleep(0.3)
+        engine.gate.set()
+        await asyncio.gather(*tasks)
+        batcher.stop()
+        return batcher.batch_sizes
+
+    sizes = asyncio.run(go())
+    assert max(len(b) for b in engine.batches) == 3 and sum(len(b) for b in engine.batches) == 7, engine.batches
+    assert sum(k * v for k, v in sizes.items()) == 7
+
+
+def test_queue_full_is_refused_at_submit():
+    engine = EchoEngine()
+    engine.gate.clear()
+
+    async def go():
+        batcher = Batcher(engine, max_batch=1, window_s=0, max_queue=1)
+        batcher.start()
+        first = batcher.submit("a", 1)
+        await asyncio.sleep(0.1)  # the thread has taken it: the queue is empty again
+        batcher.submit("b", 1)
+        with pytest.raises(QueueFull, match="serve.max_queue"):
+            batcher.submit("c", 1)
+        engine.gate.set()
+        await first.result
+        batcher.stop()
+
+    asyncio.run(go())
+
+
+def test_limits_name_the_key_and_the_stream_settles_to_the_whole_text():
+    engine = EchoEngine(delay=0.001)
+
+    async def go():
+        client, batcher = _client(engine)
+        long = await client.post("/v1/completions", json={"prompt": "x" * 10})
+        over = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 9})
+        default = await client.post("/v1/completions", json={"prompt": "abcdefgh"})
+        stream = await client.post("/v1/chat/completions",
+                                   json={"messages": [{"role": "user", "content": "a b c d"}], "stream": True})
+        batcher.stop()
+        return long, over, default, stream
+
+    long, over, default, stream = asyncio.run(go())
+    assert long.status_code == 400 and "sft.src_length" in long.json()["error"]["message"]
+    assert over.status_code == 400 and "export.max_new_tokens" in over.json()["error"]["message"]
+    assert default.json()["choices"][0] == {"index": 0, "text": "hgfedc", "logprobs": None, "finish_reason": "length"}
+    events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert chunks[0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["delta"].get("content", "") for c in chunks) == "d c b "  # 6 tokens of "d c b a"
+    assert chunks[-1]["finish_reason"] == "length"
+
+
+def test_token_required_when_set():
+    async def go():
+        client, batcher = _client(EchoEngine(), key="k")
+        out = [(await client.get("/v1/models")).status_code,
+               (await client.get("/v1/models", headers={"Authorization": "Bearer k"})).status_code,
+               (await client.get("/health")).status_code]
+        batcher.stop()
+        return out
+
+    assert asyncio.run(go()) == [401, 200, 200]
+
+
+def test_settled_prefix_holds_back_what_clean_up_or_a_stop_may_still_change():
+    assert settled_prefix("I do n", []) == "I do"  # " n't" may still fold into "don't"
+    assert settled_prefix("red dress", []) == "red dress"
+    assert settled_prefix("红色的裙子", []) == "红色的裙子"
+    assert settled_prefix("红色\ufffd", []) == "红色"
+    assert settled_prefix("红色的裙子", ["的裙子呀"]) == "红色"
+    assert cut_at_stop("a，b。c", ["。", "，"]) == ("a", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+
+
+def test_turns_join_like_a_multi_turn_source_and_binding_rules():
+    assert prompt_of_messages(["q1", "a1", "q2"]) == "q1\na1\nq2"
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    with pytest.raises(PipelineError, match="LLAMAPIPE_TEST_UNSET_KEY_VAR"):
+        api_key_from("LLAMAPIPE_TEST_UNSET_KEY_VAR", "0.0.0.0", allow_no_key=False)
+    assert api_key_from("LLAMAPIPE_TEST_UNSET_KEY_VAR", "0.0.0.0", allow_no_key=True) is None
