@@ -161,3 +161,42 @@ def test_turns_join_like_a_multi_turn_source_and_binding_rules():
     with pytest.raises(PipelineError, match="LLAMAPIPE_TEST_UNSET_KEY_VAR"):
         api_key_from("LLAMAPIPE_TEST_UNSET_KEY_VAR", "0.0.0.0", allow_no_key=False)
     assert api_key_from("LLAMAPIPE_TEST_UNSET_KEY_VAR", "0.0.0.0", allow_no_key=True) is None
+
+
+class BrokenEngine(EchoEngine):
+    def generate(self, prompts, max_new_tokens, on_text=None):
+        raise RuntimeError("out of device memory")
+
+
+def test_a_failed_batch_is_a_500_in_openais_shape_and_the_next_request_is_answered():
+    engine = BrokenEngine()
+
+    async def go():
+        client, batcher = _client(engine)
+        failed = await client.post("/v1/completions", json={"prompt": "ab"})
+        streamed = await client.post("/v1/completions", json={"prompt": "ab", "stream": True})
+        engine.__class__ = EchoEngine  # mended
+        ok = await client.post("/v1/completions", json={"prompt": "ab"})
+        batcher.stop()
+        return failed, streamed, ok
+
+    failed, streamed, ok = asyncio.run(go())
+    assert failed.status_code == 500 and "out of device memory" in failed.json()["error"]["message"]
+    assert "out of device memory" in streamed.text and streamed.text.rstrip().endswith("data: [DONE]")
+    assert ok.json()["choices"][0]["text"] == "ba"
+
+
+def test_serve_without_an_exported_model_says_what_to_run(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import copy_project
+
+    tmp_path = copy_project(tmp_path / "project")
+    p = subprocess.run([sys.executable, "-m", "llamapipe", "serve", "--port", "0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "results/inference holds no exported model" in p.stderr and "make run" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "llamapipe", "serve", "--config", "serve={port: -1}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "serve.port" in p.stderr, p.stderr

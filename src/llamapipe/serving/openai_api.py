@@ -185,6 +185,14 @@ class Api:
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.engine.info.model}
 
     @staticmethod
+    async def answer(pending: Any) -> Completion:
+        try:
+            return await pending.result
+        except Exception as exc:  # the batch failed (the decoding thread logged it); the server lives on
+            raise ApiError(500, f"decoding failed: {type(exc).__name__}: {exc}", kind="server_error",
+                           code="decoding_failed") from None
+
+    @staticmethod
     def finished(done: Completion, stops: list[str]) -> tuple[str, str]:
         text, stopped = cut_at_stop(done.text, stops)
         return text, "stop" if stopped else done.finish_reason
@@ -208,9 +216,9 @@ class Api:
                 yield _sse(chunk(ready[len(sent):], None))
                 sent = ready
         try:
-            done = await pending.result
-        except Exception as exc:  # the batch failed: the client gets an error event, the server lives on
-            yield _sse({"error": {"message": f"decoding failed: {exc}", "type": "server_error"}})
+            done = await self.answer(pending)
+        except ApiError as err:  # the batch failed: the client gets an error event, the server lives on
+            yield _sse(err.body())
             yield "data: [DONE]\n\n"
             return
         text, reason = self.finished(done, stops)
@@ -236,6 +244,13 @@ def create_app(api: Api) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         log.info("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        err = ApiError(500, f"the server failed on this request: {type(exc).__name__}: {exc} (its log has the "
+                       "traceback); it keeps serving", kind="server_error", code="internal_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -289,7 +304,7 @@ def create_app(api: Api) -> FastAPI:
                 return {**head, "object": "text_completion",
                         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
             return StreamingResponse(api.stream(pendings[0], stops, chunk), media_type="text/event-stream")
-        done = await asyncio.gather(*[p.result for p in pendings])
+        done = await asyncio.gather(*[api.answer(p) for p in pendings])
         choices = []
         for i, d in enumerate(done):
             text, reason = api.finished(d, stops)
@@ -320,7 +335,7 @@ def create_app(api: Api) -> FastAPI:
                 return {**head, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
             return StreamingResponse(api.stream(pending, stops, chunk), media_type="text/event-stream")
-        done = await pending.result
+        done = await api.answer(pending)
         text, reason = api.finished(done, stops)
         api.served += 1
         return JSONResponse({**head, "object": "chat.completion",
