@@ -196,6 +196,7 @@ def test_prepare_sft_keeps_a_crashed_run_which_upstream_resumes(tmp_path, caplog
     collect.prepare_sft(str(ckpt), 100)
     _upstream_trains(ckpt, [50], final=False)
     _checkpoint(ckpt, 100, complete=False)  # killed while saving its last checkpoint
+    caplog.clear()  # the first call's line, recorded when an earlier test left the logger at INFO
     with caplog.at_level("INFO", logger="llamapipe"):
         logging_to_caplog()
         assert collect.prepare_sft(str(ckpt), 100, "run_pretrain.py")["resume_step"] == 50

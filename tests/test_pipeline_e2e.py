@@ -1,6 +1,6 @@
 """The whole CPU DAG for real: tiny LLaMA trained with Paddle, exported, served, scored.
 
-One module-scoped run of the default config (the users' own command) feeds most checks; a
+One session-wide run of the default config (``finished_run``, conftest.py) (the users' own command) feeds most checks; a
 second fresh run checks determinism; a kill during a checkpoint save resumes from the last
 complete one (a kill between checkpoints: test_exact_resume.py).
 """
@@ -19,16 +19,6 @@ from conftest import PYTHON, copy_project, planned_jobs, snakemake
 pytestmark = pytest.mark.e2e
 
 CLI = [PYTHON, "-m", "llamapipe"]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """The default pipeline run exactly as users type it, then asked for the metrics too."""
-    project = copy_project(tmp_path_factory.mktemp("run") / "project")
-    snakemake(project, "--cores", "8", "results/predictions.json")
-    snakemake(project, "--cores", "2")  # the default target: metrics, plots, tables, provenance
-    snakemake(project, "--report", "results/report.html")
-    return project
 
 
 def _json(path: Path):
@@ -174,35 +164,74 @@ def test_compare_two_results_dirs(finished_run, tmp_path):
     assert any(line.split()[:2] == ["metric", "bleu-4"] for line in lines)
 
 
-def test_report_renders_loss_plot_and_metrics_table_in_a_real_browser(finished_run):
-    """Debian's chromium, headless, drives the Snakemake report like a person would."""
+def test_report_renders_loss_plot_and_metrics_table_in_a_real_browser(finished_run, tmp_path):
+    """Debian's chromium, headless, drives the Snakemake report like a person would.
+
+    The report's eye icon shows a result in place (snakemake/report/html_reporter/template:
+    result_view_button.js, content.js): an image as an <img>, an HTML file in an <iframe>, each
+    with the file as its src, a data URI ``data:<mime>;charset=...;filename=<name>;base64,...``.
+    So the wait is for that element with that file in its src, and then for its content (the
+    image decoded, the table in the frame). On a loaded machine (CI failed once waiting for the
+    iframe) a result that did not show is opened once more; if it still does not, the assertion
+    names a screenshot and the page's HTML saved under tmp_path."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     report = (finished_run / "results/report.html").as_uri()
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run"]
+    wait_ms = 60_000
+
+    def show(page, category, path, element, loaded):
+        """Open ``path`` (its category in the menu, then the eye icon in its row) until an
+        ``element`` (img, iframe) whose src holds the file's name is there and ``loaded(handle)``
+        returned; twice at most."""
+        name = path.rsplit("/", 1)[-1]
+        selector = f'{element}[src*="{name}"]'
+        problems = []
+        for attempt in (1, 2):
+            try:
+                page.goto(report, wait_until="load", timeout=wait_ms)
+                page.get_by_text(category, exact=True).first.click(timeout=wait_ms)
+                row = page.get_by_text(path).first.locator("xpath=ancestor::tr")
+                row.locator("a[iconname=eye]").click(timeout=wait_ms)
+                handle = page.wait_for_selector(selector, state="attached", timeout=wait_ms)
+                return handle, loaded(handle)
+            except PlaywrightError as exc:
+                problems.append(f"attempt {attempt}: {str(exc).splitlines()[0]}")
+        saved = []
+        for target, save in ((tmp_path / f"report-{name}.png", lambda f: page.screenshot(path=str(f), full_page=True)),
+                             (tmp_path / f"report-{name}.html", lambda f: f.write_text(page.content(), "utf-8"))):
+            try:
+                save(target)
+                saved.append(str(target))
+            except PlaywrightError as exc:
+                saved.append(f"{target} not written: {str(exc).splitlines()[0]}")
+        raise AssertionError(f"the report did not show {path} ({selector}, {category}) in 2 attempts: "
+                             f"{'; '.join(problems)}; screenshot and page HTML: {', '.join(saved)}")
+
+    def image_decoded(handle):
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=handle, timeout=wait_ms)
+        return handle.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+
+    def table_in_frame(handle):
+        frame = handle.content_frame()
+        assert frame is not None, "the iframe has no frame"
+        frame.wait_for_selector("table", timeout=wait_ms)
+        return frame.inner_text("table")
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            _, size = show(page, "Training", "results/plots/loss.png", "img", image_decoded)
+            assert size[0] >= 400 and size[1] >= 200  # decoded and drawn, not a broken image
 
-        def open_result(category, path):
-            page.goto(report)
-            page.get_by_text(category, exact=True).first.click()
-            page.get_by_text(path).first.locator("xpath=ancestor::tr").locator("a[iconname=eye]").click()
-
-        open_result("Training", "results/plots/loss.png")
-        page.wait_for_function("Array.from(document.images).some(i => i.src.includes('loss.png'))")
-        size = page.evaluate(
-            "Array.from(document.images).filter(i => i.src.includes('loss.png'))"
-            ".map(i => [i.naturalWidth, i.naturalHeight])[0]")
-        assert size[0] >= 400 and size[1] >= 200  # decoded and drawn, not a broken image
-
-        open_result("Evaluation", "results/report/metrics.html")
-        page.wait_for_function("document.querySelector('iframe') !== null")
-        table = next(f for f in page.frames if "metrics.html" in f.url).inner_text("table")
-        metrics = _json(finished_run / "results/metrics.json")
-        assert "bleu-4" in table and "rouge-l" in table and f"{metrics['bleu-4']}" in table
-        browser.close()
+            _, table = show(page, "Evaluation", "results/report/metrics.html", "iframe", table_in_frame)
+            metrics = _json(finished_run / "results/metrics.json")
+            assert "bleu-4" in table and "rouge-l" in table and f"{metrics['bleu-4']}" in table
+        finally:
+            browser.close()
 
 
 def test_forcerun_export_redoes_export_and_predict_only(finished_run):

@@ -120,8 +120,12 @@ def _stage_export(a: argparse.Namespace) -> Any:
 
 
 def _stage_predict(a: argparse.Namespace) -> Any:
+    """The pipeline gives the whole predict section; a user may give part of it or none: the rest
+    comes from config.yaml in the working directory, else the schema's defaults and the export's
+    own max_new_tokens (``predict.resolve_params`` logs which)."""
     from llamapipe.stages import predict
 
+    a.params, _ = predict.resolve_params(a.params, a.inference)  # the manifest records what was used
     return predict.run(a.params, a.inference, a.dev, a.out, threads=a.threads)
 
 
@@ -149,8 +153,11 @@ STAGES: dict[str, Any] = {
               [("--sft", "sft output"), ("--base", "base model dir"), ("--out", "merged dir")]),
     "export": (_stage_export, "static-graph export of the merged model",
                [("--merged", "merged dir"), ("--out", "inference dir")]),
-    "predict": (_stage_predict, "static-graph greedy inference over the dev prompts",
-                [("--inference", "inference dir"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
+    "predict": (_stage_predict, "static-graph greedy inference over the dev prompts or your own (without "
+                "--params: config.yaml's predict section, else the defaults and the export's max_new_tokens)",
+                [("--inference", "inference dir"),
+                 ("--dev", 'JSON lines: {"src": ...} each, "tgt" optional (dev.json has it)'),
+                 ("--out", 'predictions.json: {"src", "tgt" if given, "prediction"} each')]),
     "evaluate": (_stage_evaluate, "BLEU-4 and ROUGE-1/2/L",
                  [("--predictions", "predictions.json"), ("--out", "metrics.json")]),
 }
@@ -240,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, threads=1)
     from llamapipe.runners.container import add_container_run_parser
     from llamapipe.scaleout.plan_cli import add_plan_parser
+    from llamapipe.serving.cli import add_serving_parsers
 
     add_plan_parser(sub)
+    add_serving_parsers(sub)
     add_container_run_parser(sub).set_defaults(threads=1)
     return parser
 

@@ -139,15 +139,17 @@ def check_outputs(kind: str, path: str) -> dict:
 
 
 def collect_predictions(upstream_file: str, dev_file: str, out_file: str) -> dict:
-    """predictor.py writes ``{"src","tgt","output"}`` lines; we write the ``prediction`` list."""
-    with open(dev_file, encoding="utf-8") as f:
-        dev = [json.loads(line) for line in f if line.strip()]
+    """predictor.py writes ``{"src","tgt","output"}`` lines; we write the ``prediction`` list, each
+    entry as the cpu target's predict writes it (``tgt`` only where the dev record has one)."""
+    from llamapipe.stages.predict import prediction_record, read_records
+
+    dev = read_records(dev_file)
     if not Path(upstream_file).is_file():
         raise PipelineError(f"{upstream_file}: the predictor wrote no output")
     with open(upstream_file, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) != len(dev):
         raise PipelineError(f"{upstream_file}: {len(rows)} predictions for {len(dev)} dev records")
-    predictions = [{"src": d["src"], "tgt": d["tgt"], "prediction": r.get("output", "")} for d, r in zip(dev, rows)]
+    predictions = [prediction_record(d, r.get("output", "")) for d, r in zip(dev, rows)]
     write_json(out_file, predictions)
     return {"records": len(predictions)}
