@@ -200,3 +200,25 @@ def test_serve_without_an_exported_model_says_what_to_run(tmp_path):
     p = subprocess.run([sys.executable, "-m", "llamapipe", "serve", "--config", "serve={port: -1}"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "serve.port" in p.stderr, p.stderr
+
+
+def test_serve_reads_the_config_as_snakemake_does(tmp_path):
+    """--config strings typed by the schema, --configfile merged, CLI flags over both."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import copy_project
+
+    project = copy_project(tmp_path / "project")
+    (project / "my.yaml").write_text("predict:\n  batch_size: 4\n")
+    p = subprocess.run([sys.executable, "-m", "llamapipe", "serve", "--dry-run", "--configfile", "my.yaml",
+                        "--config", "serve={max_queue: 8, batch_window_ms: 2.5}", "--port", "9001"],
+                       cwd=project, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    argv = shlex.split(p.stdout.strip().splitlines()[0])
+    serve = json.loads(argv[argv.index("--serve") + 1])
+    predict = json.loads(argv[argv.index("--predict") + 1])
+    assert (serve["max_queue"], serve["batch_window_ms"], serve["port"]) == (8, 2.5, 9001)
+    assert predict["batch_size"] == 4 and argv[argv.index("--model-name") + 1] == "tiny-llama-sft"

@@ -124,11 +124,11 @@ def load(path: str, schema: str | None = None, overrides: list[str] | None = Non
     for extra in configfiles or []:
         with open(extra, encoding="utf-8") as f:
             raw = deep_merge(raw, yaml.safe_load(f) or {})
-    if overrides:
-        raw = deep_merge(raw, _parse_overrides(overrides))
     root = validation.config_schema(schema)
+    if overrides:  # nested --config values are strings, typed by the schema as the workflow types them
+        raw = deep_merge(raw, validation.coerce(_parse_overrides(overrides), root))
     shipped, _ = validation.validate(shipped_raw, root)
-    return resolve(validation.checked(validation.coerce(raw, root), root), shipped)
+    return resolve(validation.checked(raw, root), shipped)
 
 
 def _parse_overrides(entries: list[str]) -> dict:
