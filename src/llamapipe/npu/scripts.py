@@ -268,3 +268,23 @@ def build_ops_script(cfg: dict, paths: dict, project: str) -> list[str]:
         f"cp dist/paddlenlp_ops-*.whl {shlex.quote(tmp)}/", _check("wheels", tmp),
         f"mv {shlex.quote(tmp)} {shlex.quote(wheels)}",
     ])
+
+
+# ``llamapipe serve`` on target npu (no rule: ``llamapipe.npu.serve_script`` places it as predict is placed)
+SERVE_MODULE = "llamapipe.serving.server"
+SERVE_SCRIPT = os.path.join("llamapipe", "entrypoints", "serve_script.py")  # the module as a script path
+
+
+def serve_script(cfg: dict, paths: dict, project: str, server_argv: list[str]) -> list[str]:
+    """Our server with upstream's predictor as its engine: predict's script (``_predict``: Ascend
+    and ATB env, the ops wheel and its import gate, the checkout's ``llm/`` as working directory
+    and on PYTHONPATH) with ``python -m llamapipe.serving.server --engine upstream <server_argv> --
+    <predictor flags>`` in place of predictor.py and its collector. The predictor flags are the
+    predict rule's (``upstream_args.serving_predictor_args``); on the rehearsal the server starts
+    through the CPU shims exactly as predictor.py does (``_python``; as a script path, since
+    ``cpu_shims`` starts a script). ``exec``: the server replaces the script's shell, so a SIGTERM
+    to the script (``docker stop``: PID 1; the rehearsal's local process) reaches the server itself."""
+    predictor = upstream_args.serving_predictor_args(cfg, _abs(project, paths["inference"]))
+    entry = [os.path.join(package_src_dir(), SERVE_SCRIPT)] if _shims(cfg) else ["-m", SERVE_MODULE]
+    run = _python(cfg) + entry + ["--engine", "upstream", *server_argv, "--", *predictor]
+    return bash_script(cfg, [*_ops_install(cfg, paths, project), "exec " + shlex.join(run)], atb=True)

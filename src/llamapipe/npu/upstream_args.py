@@ -175,6 +175,17 @@ def merge_lora_args(cfg: dict, base_model: str, lora_dir: str, output_path: str)
 
 def predictor_args(cfg: dict, model_dir: str, data_file: str, output_file: str) -> list[str]:
     """predict/predictor.py: predict_npu.sh in static mode over the dev prompts, greedy."""
+    return _predictor_args(cfg, model_dir, data_file, output_file)
+
+
+def serving_predictor_args(cfg: dict, model_dir: str) -> list[str]:
+    """What ``llamapipe serve`` gives upstream's predictor (``PredictorArgument``/``ModelArgument``,
+    parsed by ``llamapipe.serving.upstream_engine``): the predict rule's flags, in its order, without
+    ``--data_file``/``--output_file`` (the prompts come from requests)."""
+    return _predictor_args(cfg, model_dir, None, None)
+
+
+def _predictor_args(cfg: dict, model_dir: str, data_file: str | None, output_file: str | None) -> list[str]:
     return _args([
         ("model_name_or_path", model_dir),
         ("dtype", cfg["export"]["dtype"]),

@@ -93,17 +93,40 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1,
 
 
 def _containerized(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int,
-                   pass_env: tuple[str, ...] = ()) -> str:
-    spec = json.dumps(container_spec(stage, cfg, project_dir, threads, pass_env), sort_keys=True)
-    return shlex.join(["llamapipe", "container-run", "--spec", spec, "--", *argv])
+                   pass_env: tuple[str, ...] = (), label: str | None = None,
+                   stop_timeout: float | None = None, stopped_exit: str | None = None) -> str:
+    """``label``: the container's rule label in place of the stage's (a command that is no rule);
+    ``stop_timeout``, ``stopped_exit``: container-run's ``--stop-timeout`` and ``--stopped-exit``
+    (None: its defaults). Rules pass none of them."""
+    spec = container_spec(stage, cfg, project_dir, threads, pass_env)
+    if label is not None:
+        spec["rule"] = label
+    runner = ["llamapipe", "container-run", "--spec", json.dumps(spec, sort_keys=True)]
+    if stop_timeout is not None:
+        runner += ["--stop-timeout", f"{stop_timeout:g}"]
+    if stopped_exit is not None:
+        runner += ["--stopped-exit", stopped_exit]
+    return shlex.join([*runner, "--", *argv])
 
 
-def _placed(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int) -> str:
+def _placed(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int, label: str | None = None,
+            stop_timeout: float | None = None, stopped_exit: str | None = None) -> str:
     """``argv`` where the config runs stages: in the stage image, or (the rehearsal's local
     runtime, the cpu default) as a local process."""
     if cfg["runtime"] == "local":
         return shlex.join(argv)
-    return _containerized(stage, cfg, project_dir, argv, threads)
+    return _containerized(stage, cfg, project_dir, argv, threads, label=label, stop_timeout=stop_timeout,
+                          stopped_exit=stopped_exit)
+
+
+def placed_like(stage: str, cfg: dict, project_dir: str, argv: list[str], threads: int, label: str,
+                stop_timeout: float | None = None, stopped_exit: str | None = None) -> str:
+    """``argv`` placed exactly as ``stage``'s command is (its image, cards, device nodes, mounts,
+    env, network; or a local process), for a command that is no rule (``llamapipe serve`` on
+    target npu: predict's placement). Its container carries the rule label ``label``, so neither
+    removes the other's container as a stale one (``runners.container.remove_stale_containers``)."""
+    return _placed(stage, cfg, project_dir, argv, threads, label=label, stop_timeout=stop_timeout,
+                   stopped_exit=stopped_exit)
 
 
 def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: list[str],

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -359,9 +360,12 @@ def _require_image(client: Any, image: str) -> None:
 
 
 def run_in_container(spec: ContainerSpec, argv: list[str], out: BinaryIO | None = None, client: Any = None,
-                     stop_timeout: float = STOP_TIMEOUT) -> int:
+                     stop_timeout: float = STOP_TIMEOUT, stopped_exit: str = "signal") -> int:
     """Run ``argv`` in a fresh container described by ``spec``; stream its output to ``out``
-    (default: this process's stdout) and return its exit code. See the module docstring."""
+    (default: this process's stdout) and return its exit code. See the module docstring.
+    ``stopped_exit``: after SIGINT/SIGTERM, exit 128 + signum (``signal``: a stage that was
+    interrupted did not succeed) or with the stopped container's own code (``container``: a
+    server that drains on SIGTERM and exits 0, ``llamapipe serve`` on target npu)."""
     import docker
     import requests
 
@@ -375,6 +379,7 @@ def run_in_container(spec: ContainerSpec, argv: list[str], out: BinaryIO | None 
     guard = _SignalGuard()
     container = None
     code: int | None = None
+    stopped_code: int | None = None
     written = 0
     try:
         guard.install()
@@ -413,12 +418,16 @@ def run_in_container(spec: ContainerSpec, argv: list[str], out: BinaryIO | None 
                     container.short_id if container is not None else "(not created)")
         if container is not None:
             try:
-                container.stop(timeout=stop_timeout)
+                # the engine takes whole seconds: `t=20.0` is refused (strconv.Atoi) and the stop then
+                # fails, leaving the forced removal below to kill the stage without its SIGTERM
+                container.stop(timeout=math.ceil(stop_timeout))
                 # what the stage printed while stopping (its last words belong in the rule's log)
                 tail = container.logs(stdout=True, stderr=True)[written:]
                 if tail:
                     sink.write(tail)
-            except docker.errors.DockerException as stop_exc:
+                if stopped_exit == "container":
+                    stopped_code = int(container.wait(timeout=10).get("StatusCode", -1))
+            except (docker.errors.DockerException, requests.RequestException) as stop_exc:
                 log.error("could not stop container %s: %s", container.short_id, stop_exc)
     finally:
         guard.armed = False
@@ -436,8 +445,11 @@ def run_in_container(spec: ContainerSpec, argv: list[str], out: BinaryIO | None 
                 sink.flush()
             except (OSError, ValueError):
                 pass
-        if guard.signum is not None:
+        if guard.signum is not None and not (stopped_exit == "container" and stopped_code is not None):
             raise SystemExit(128 + guard.signum)
+    if stopped_code is not None:
+        log.info("rule %s: the stopped container exited with %d", spec.rule, stopped_code)
+        return stopped_code
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -460,6 +472,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the ContainerSpec as JSON text, or @path/to/spec.json")
     p.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT,
                    help="seconds between SIGTERM and SIGKILL when interrupted (default %(default)s)")
+    p.add_argument("--stopped-exit", choices=["signal", "container"], default="signal",
+                   help="after SIGINT/SIGTERM exit 128+signum (signal, default), or with the stopped "
+                        "container's own code (container: a server that stops gracefully)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command to run inside")
 
 
@@ -481,7 +496,7 @@ def container_run_main(args: argparse.Namespace) -> int:
     if not argv:
         raise PipelineError("container-run: no command given (usage: container-run --spec JSON -- CMD ARGS...)")
     spec = load_spec(args.spec)
-    return run_in_container(spec, argv, stop_timeout=args.stop_timeout)
+    return run_in_container(spec, argv, stop_timeout=args.stop_timeout, stopped_exit=args.stopped_exit)
 
 
 def main(argv: list[str] | None = None) -> None:

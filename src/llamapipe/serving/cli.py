@@ -90,6 +90,10 @@ def _serve(a: argparse.Namespace) -> Any:
     if cfg["target"] == "npu":
         from llamapipe.npu.serve_script import serve_command
 
+        if a.inference:
+            raise PipelineError("--inference: on target npu the server reads the run's results/inference, "
+                                "where the predict rule's predictor reads it (inside the stage image)")
+
         command = serve_command(cfg, os.getcwd(), argv)
         if a.dry_run:
             print(command)

@@ -33,6 +33,7 @@ class Limits:
     max_new_tokens: int  # longest decode
     src_length_key: str = "sft.src_length"
     max_new_tokens_key: str = "export.max_new_tokens"
+    max_new_tokens_fix: str = "rerun export to change it"  # how a user raises the limit
     default_max_tokens: int = 0  # a request without max_tokens decodes this many (predict.max_new_tokens)
 
 

@@ -156,8 +156,8 @@ class Api:
         limits = self.engine.info.limits
         n = max_tokens or limits.default_max_tokens or limits.max_new_tokens
         if n > limits.max_new_tokens:
-            raise ApiError(400, f"max_tokens={n} is more than the {limits.max_new_tokens} tokens the model was "
-                           f"exported to decode ({limits.max_new_tokens_key}; rerun export to change it)",
+            raise ApiError(400, f"max_tokens={n} is more than the {limits.max_new_tokens} tokens this server "
+                           f"decodes at most ({limits.max_new_tokens_key}; {limits.max_new_tokens_fix})",
                            param="max_tokens", code="max_tokens_exceeded")
         tokens = self.engine.prompt_tokens(prompt)
         if tokens > limits.src_length:
