@@ -8,6 +8,7 @@ import os
 CLI_SCRIPT = os.path.join("llamapipe", "entrypoints", "cli_script.py")  # the CLI (sft under the launcher)
 CPU_SHIMS_SCRIPT = os.path.join("llamapipe", "entrypoints", "cpu_shims_script.py")  # upstream scripts on CPU
 SMOKE_SCRIPT = os.path.join("llamapipe", "stages", "smoke_collective.py")  # the collective smoke test
+SERVE_SCRIPT = os.path.join("llamapipe", "entrypoints", "serve_script.py")  # the server under the CPU shims
 
 
 def package_src_dir() -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from llamapipe.config.paths import local_model_dir
 from llamapipe.core import checkpoint_io
 from llamapipe.core.cards import parse_cards
-from llamapipe.entrypoints import CPU_SHIMS_SCRIPT, SMOKE_SCRIPT, package_src_dir
+from llamapipe.entrypoints import CPU_SHIMS_SCRIPT, SERVE_SCRIPT, SMOKE_SCRIPT, package_src_dir
 from llamapipe.npu import upstream_args
 from llamapipe.scaleout import launch
 from llamapipe.scaleout.launch import LaunchLayout
@@ -272,7 +272,6 @@ def build_ops_script(cfg: dict, paths: dict, project: str) -> list[str]:
 
 # ``llamapipe serve`` on target npu (no rule: ``llamapipe.npu.serve_script`` places it as predict is placed)
 SERVE_MODULE = "llamapipe.serving.server"
-SERVE_SCRIPT = os.path.join("llamapipe", "entrypoints", "serve_script.py")  # the module as a script path
 
 
 def serve_script(cfg: dict, paths: dict, project: str, server_argv: list[str]) -> list[str]:
