@@ -128,3 +128,28 @@ def test_run_all_table_renders_every_benchmark(tmp_path):
     for text in ("orchestration share", "bare Paddle loop", "2 processes / 1 process", "batch 8, static / dygraph",
                  "`snakemake -n`, npu DAG", "sft: peak RSS", "not installed"):
         assert text in md
+
+
+@pytest.mark.e2e
+def test_serve_throughput_quick(tmp_path):
+    """Makes its own cpu run (sft 20 steps); flask_server.py too when LLAMAPIPE_PADDLENLP_SRC names a checkout
+    (a one-process rehearsal of 10 steps), else that variant is reported as skipped."""
+    import os
+
+    r = run_quick("serve_throughput", tmp_path)
+    expected = {"sequential@1", "batched@16", *(f"server@{c}" for c in (1, 4, 16))}
+    if os.environ.get("LLAMAPIPE_PADDLENLP_SRC"):
+        expected |= {f"flask@{c}" for c in (1, 4, 16)}
+    else:
+        assert "flask" in r["skipped"]
+    assert set(r["results"]) >= expected
+    for name, entry in r["results"].items():
+        assert entry["errors"] == 0, name
+        for key in ("requests_per_s", "p50_s", "p95_s"):
+            assert is_summary(entry[key]) and entry[key]["median"] > 0, (name, key)
+        if name.startswith("server"):  # our server reports the batches it decoded: every request in one
+            assert sum(int(k) * v for k, v in entry["batch_sizes"].items()) == r["requests"], name
+    assert {"server@16 / sequential", "server@16 / server@1"} <= set(r["ratios"])
+    assert all(v["median"] > 0 for v in r["ratios"].values())
+    for variant in expected:
+        assert f"| {variant.split('@')[0]} | {variant.split('@')[1]} |" in r["table"]

@@ -253,3 +253,38 @@ def test_readme_curl_and_openai_examples_run_verbatim(finished_run):
         assert client.stdout.removesuffix("\n") == plain
     finally:
         assert s.stop() == 0
+
+
+def test_rows_joining_and_leaving_between_steps_decode_as_alone(finished_run):
+    """Continuous batching (serving.continuous): rows that join a running batch late, with longer
+    or shorter prompts, and leave at their own limits, get the tokens they get decoded alone."""
+    from llamapipe.core.paddle_env import prepare
+    from llamapipe.serving.engine import LocalEngine
+
+    prepare(1)
+    engine = LocalEngine(str(finished_run / "results/inference"), {}, threads=1)
+    srcs = [r["src"] for r in _dev(finished_run)[:6]]
+    alone = [engine.generate([s], [40])[0] for s in srcs]
+    steps, done = engine.step_batch(), {}
+    limits = [40, 40, 7, 40, 40, 3]
+
+    def admit(idx):
+        for row in steps.admit([srcs[i] for i in idx], [limits[i] for i in idx], idx,
+                               [engine.prompt_tokens(srcs[i]) for i in idx]):
+            done[row.owner] = steps.completion(row)
+
+    admit([0, 1])
+    for _ in range(3):
+        for row in steps.step():
+            done[row.owner] = steps.completion(row)
+    admit([2, 3])
+    for row in steps.step():
+        done[row.owner] = steps.completion(row)
+    admit([4, 5])
+    while len(steps):
+        for row in steps.step():
+            done[row.owner] = steps.completion(row)
+    for i in range(6):
+        cut = engine.generate([srcs[i]], [limits[i]])[0]
+        assert done[i] == cut, (i, done[i], cut)
+    assert [done[i].text for i in (0, 1, 3, 4)] == [alone[i].text for i in (0, 1, 3, 4)]

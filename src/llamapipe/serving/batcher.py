@@ -1,7 +1,8 @@
 """Concurrent requests into the engine's batch path: one decoding thread, short collection window.
 
-A request waits in a bounded queue; the decoding thread takes the first one, then whatever else
-arrives within ``window_s`` (up to ``max_batch``), and decodes them as one batch. The engine is
+A request waits in a bounded queue; the decoding thread takes the first one, then what follows
+it closely (until ``window_s`` passes without an arrival, ``GROWTH`` windows at most, up to
+``max_batch``), and decodes them as one batch. The engine is
 never called from two threads, and a request never waits on a thread of its own. Results and
 streamed text go back to the event loop that submitted them.
 """
@@ -38,12 +39,14 @@ class Pending:
 
 
 class Batcher:
+    GROWTH = 4  # a batch collects for at most this many windows
     def __init__(self, engine: Engine, max_batch: int, window_s: float, max_queue: int):
         self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
         self.max_queue = max_queue
         self._queue: queue.Queue[Pending | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="llamapipe-decode", daemon=True)
-        self.batch_sizes: Counter = Counter()  # batch size -> batches decoded
+        self.batch_sizes: Counter = Counter()  # batch size -> batches decoded (continuous: requests admitted together)
+        self.rows_per_step: Counter = Counter()  # continuous batching: rows decoding together -> steps
         self.busy = False
 
     def start(self) -> None:
@@ -67,18 +70,27 @@ class Batcher:
         return item
 
     def _collect(self, first: Pending) -> tuple[list[Pending], bool]:
-        batch, deadline = [first], time.monotonic() + self.window_s
+        """The first request and those that follow it closely: each arrival gives the next one
+        ``window_s`` more (clients answered together come back spread out), up to the cap, and
+        the batch waits ``GROWTH`` windows at most in all."""
+        batch, now = [first], time.monotonic()
+        last_call, quiet = now + self.GROWTH * self.window_s, now + self.window_s
         while len(batch) < self.max_batch:
             try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                item = self._queue.get(timeout=max(min(quiet, last_call) - time.monotonic(), 0))
             except queue.Empty:
                 break
             if item is None:
                 return batch, True
             batch.append(item)
+            quiet = time.monotonic() + self.window_s
         return batch, False
 
     def _run(self) -> None:
+        steps = self.engine.step_batch()
+        if steps is not None:
+            self._run_continuous(steps)
+            return
         while True:
             first = self._queue.get()
             stopping = first is None
@@ -96,6 +108,71 @@ class Batcher:
             return self._queue.get_nowait()
         except queue.Empty:
             return None
+
+    def _run_continuous(self, steps: Any) -> None:
+        """Requests join the decoding rows between steps (an idle batcher still collects a burst
+        first) and leave when done: ``serving.continuous``."""
+        stopping = False
+        while True:
+            arrivals: list[Pending] = []
+            if not len(steps):
+                if stopping:
+                    return
+                first = self._queue.get()
+                if first is None:
+                    return
+                arrivals, stopping = self._collect(first)
+            elif not stopping:
+                while len(steps) + len(arrivals) < self.max_batch:
+                    item = self._get_nowait()
+                    if item is None:
+                        break
+                    arrivals.append(item)
+                stopping = stopping or self._stop_requested()
+            arrivals = [p for p in arrivals if not p.result.cancelled()]
+            try:
+                self.busy = True
+                if arrivals:
+                    self.batch_sizes[len(arrivals)] += 1
+                    counts = [self.engine.prompt_tokens(p.prompt) for p in arrivals]
+                    self._finish(steps, steps.admit([p.prompt for p in arrivals], [p.max_tokens for p in arrivals],
+                                                    arrivals, counts))
+                if len(steps):
+                    self.rows_per_step[len(steps)] += 1
+                    for row in steps.rows:
+                        row.owner.batch_size = max(row.owner.batch_size, len(steps))
+                    self._finish(steps, steps.step())
+                    self._stream(steps)
+            except Exception as exc:  # every row decoding now gets a 500, the batcher carries on
+                log.exception("decoding %d rows failed", len(steps) + len(arrivals))
+                failed = {id(p): p for p in arrivals}
+                failed.update({id(r.owner): r.owner for r in steps.rows})
+                for p in failed.values():
+                    p.loop.call_soon_threadsafe(_settle, p, exc)
+                steps = self.engine.step_batch()
+            finally:
+                self.busy = False
+
+    def _stop_requested(self) -> bool:
+        """A stop() sentinel waiting at the head of the queue (taken off it)."""
+        with self._queue.mutex:
+            if self._queue.queue and self._queue.queue[0] is None:
+                self._queue.queue.popleft()
+                return True
+        return False
+
+    def _finish(self, steps: Any, rows: list) -> None:
+        for row in rows:
+            row.owner.batch_size = max(row.owner.batch_size, 1)
+            if row.owner.stream is not None:
+                row.owner.loop.call_soon_threadsafe(row.owner.stream.put_nowait, steps.text(row))
+            row.owner.loop.call_soon_threadsafe(_settle, row.owner, steps.completion(row))
+
+    @staticmethod
+    def _stream(steps: Any) -> None:
+        for row in steps.rows:
+            if row.owner.stream is not None:
+                row.owner.loop.call_soon_threadsafe(row.owner.stream.put_nowait, steps.text(row))
 
     def _decode(self, batch: list[Pending]) -> None:
         live = [p for p in batch if not p.result.cancelled()]

@@ -57,6 +57,11 @@ class Engine:
                  on_text: TextCallback | None = None) -> list[Completion]:
         raise NotImplementedError
 
+    def step_batch(self) -> Any:
+        """A ``serving.continuous.StepBatch`` when the engine decodes step by step (requests then
+        join and leave between steps), else None (the batcher decodes whole batches)."""
+        return None
+
 
 def prompt_of_messages(contents: list[str]) -> str:
     """A conversation's turns (user, assistant, user, ...) as one prompt, the way sft's multi-turn
@@ -70,10 +75,11 @@ class LocalEngine(Engine):
     """predict's static-graph greedy decoder (paddle.inference + sentencepiece, no PaddleNLP)."""
 
     def __init__(self, inference_dir: str, predict_params: dict[str, Any], threads: int = 1,
-                 model_name: str | None = None):
+                 model_name: str | None = None, continuous: bool = True):
         from llamapipe.stages.predict import StaticGreedyPredictor
 
         self.predictor = StaticGreedyPredictor(inference_dir, threads=threads, settings=predict_params)
+        self.continuous = continuous  # serve: rows join and leave between steps (the step graph)
         export = self.predictor.export
         default = min(int(predict_params.get("max_new_tokens") or export["max_new_tokens"]),
                       int(export["max_new_tokens"]))
@@ -84,6 +90,13 @@ class LocalEngine(Engine):
             details={"engine": "paddle.inference static graph (predict stage)", "graph": export.get("graph", "loop"),
                      "inference": self.predictor.settings},
         )
+
+    def step_batch(self) -> Any:
+        if self.predictor.export.get("graph", "loop") != "step" or not self.continuous:
+            return None
+        from llamapipe.serving.continuous import StepBatch
+
+        return StepBatch(self.predictor)
 
     def prompt_tokens(self, prompt: str) -> int:
         from llamapipe.core.tokenizer_io import encode_prompt

@@ -276,6 +276,7 @@ def create_app(api: Api) -> FastAPI:
                 "decoding": api.batcher.busy,
                 "served": api.served, "uptime_s": round(time.time() - api.started, 1),
                 "batch_sizes": {str(k): v for k, v in sorted(api.batcher.batch_sizes.items())},
+                "rows_per_step": {str(k): v for k, v in sorted(api.batcher.rows_per_step.items())},
                 "limits": {"src_length": info.limits.src_length, "max_new_tokens": info.limits.max_new_tokens,
                            "max_batch_size": api.batcher.max_batch, "max_queue": api.batcher.max_queue},
                 **info.details}
