@@ -222,3 +222,69 @@ def test_serve_reads_the_config_as_snakemake_does(tmp_path):
     predict = json.loads(argv[argv.index("--predict") + 1])
     assert (serve["max_queue"], serve["batch_window_ms"], serve["port"]) == (8, 2.5, 9001)
     assert predict["batch_size"] == 4 and argv[argv.index("--model-name") + 1] == "tiny-llama-sft"
+
+
+class EchoSteps:
+    """A stand-in StepBatch: each row emits its prompt reversed, a character a step."""
+
+    def __init__(self):
+        self.rows, self.sizes = [], []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def admit(self, prompts, limits, owners, counts):
+        from llamapipe.serving.continuous import Row
+
+        for p, n, o, c in zip(prompts, limits, owners, counts):
+            self.rows.append(Row(o, n, c, [p[::-1][0]]))
+        return self._leave()
+
+    def step(self):
+        time.sleep(0.02)  # long enough for a request sent meanwhile to join
+        self.sizes.append(len(self.rows))
+        for r in self.rows:
+            r.generated.append(r.owner.prompt[::-1][len(r.generated)])
+        return self._leave()
+
+    def _leave(self):
+        done = [r for r in self.rows if len(r.generated) >= min(r.limit, len(r.owner.prompt))]
+        self.rows = [r for r in self.rows if r not in done]
+        return done
+
+    def text(self, row):
+        return "".join(row.generated)
+
+    def completion(self, row):
+        return Completion(self.text(row), row.prompt_tokens, len(row.generated), "length")
+
+
+class EchoStepEngine(EchoEngine):
+    def __init__(self):
+        super().__init__()
+        self.steps = EchoSteps()
+
+    def step_batch(self):
+        return self.steps
+
+
+def test_continuous_batching_answers_short_requests_first_and_drains_on_stop():
+    engine = EchoStepEngine()
+
+    async def go():
+        client, batcher = _client(engine, batch_window_ms=0)
+        long = asyncio.create_task(client.post("/v1/completions", json={"prompt": "abcdefgh", "max_tokens": 8}))
+        await asyncio.sleep(0.05)
+        short = await client.post("/v1/completions", json={"prompt": "xy"})
+        streamed = await client.post("/v1/completions", json={"prompt": "hello", "stream": True})
+        queued = batcher.submit("stop", 4)  # queued before stop(): still answered
+        batcher.stop(timeout=10)
+        return await long, short, streamed, await queued.result, batcher
+
+    long, short, streamed, queued, batcher = asyncio.run(go())
+    assert long.json()["choices"][0]["text"] == "hgfedcba" and short.json()["choices"][0]["text"] == "yx"
+    assert "olleh" in "".join(streamed.text.split('"text": "')[i].split('"')[0]
+                              for i in range(1, streamed.text.count('"text": "') + 1))
+    assert queued.text == "pots"
+    assert not batcher._thread.is_alive()
+    assert max(engine.steps.sizes) >= 2  # the short one joined the long one's steps

@@ -1,10 +1,12 @@
-"""Concurrent requests into the engine's batch path: one decoding thread, short collection window.
+"""Concurrent requests into the engine's batch path: one decoding thread, a bounded queue.
 
-A request waits in a bounded queue; the decoding thread takes the first one, then what follows
-it closely (until ``window_s`` passes without an arrival, ``GROWTH`` windows at most, up to
-``max_batch``), and decodes them as one batch. The engine is
-never called from two threads, and a request never waits on a thread of its own. Results and
-streamed text go back to the event loop that submitted them.
+An idle decoding thread takes the first request, then what follows it closely (until
+``window_s`` passes without an arrival, ``GROWTH`` windows at most, up to ``max_batch``). An
+engine that decodes step by step (``Engine.step_batch``: the step graph) then takes new requests
+into the running rows between steps and answers each as soon as it is done (continuous
+batching, ``serving.continuous``); any other engine decodes the collected batch whole. The
+engine is never called from two threads, and a request never waits on a thread of its own.
+Results and streamed text go back to the event loop that submitted them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class QueueFull(Exception):
     pass
 
 
+STOP = object()  # stop()'s mark in the queue: what is queued before it is still answered
+
+
 @dataclass
 class Pending:
     prompt: str
@@ -40,10 +45,11 @@ class Pending:
 
 class Batcher:
     GROWTH = 4  # a batch collects for at most this many windows
+
     def __init__(self, engine: Engine, max_batch: int, window_s: float, max_queue: int):
         self.engine, self.max_batch, self.window_s = engine, max_batch, window_s
         self.max_queue = max_queue
-        self._queue: queue.Queue[Pending | None] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="llamapipe-decode", daemon=True)
         self.batch_sizes: Counter = Counter()  # batch size -> batches decoded (continuous: requests admitted together)
         self.rows_per_step: Counter = Counter()  # continuous batching: rows decoding together -> steps
@@ -54,7 +60,7 @@ class Batcher:
 
     def stop(self, timeout: float | None = None) -> None:
         """Decode what is queued, then end the thread."""
-        self._queue.put(None)
+        self._queue.put(STOP)
         self._thread.join(timeout)
 
     def queued(self) -> int:
@@ -80,7 +86,7 @@ class Batcher:
                 item = self._queue.get(timeout=max(min(quiet, last_call) - time.monotonic(), 0))
             except queue.Empty:
                 break
-            if item is None:
+            if item is STOP:
                 return batch, True
             batch.append(item)
             quiet = time.monotonic() + self.window_s
@@ -93,17 +99,18 @@ class Batcher:
             return
         while True:
             first = self._queue.get()
-            stopping = first is None
-            if first is not None:
+            stopping = first is STOP
+            if not stopping:
                 batch, stopping = self._collect(first)
                 self._decode(batch)
             if stopping:  # stop(): decode what is still queued, then end
-                rest = [item for item in iter(self._get_nowait, None)]
+                rest = [item for item in iter(self._get_nowait, None) if item is not STOP]
                 for b in range(0, len(rest), self.max_batch):
                     self._decode(rest[b: b + self.max_batch])
                 return
 
-    def _get_nowait(self) -> Pending | None:
+    def _get_nowait(self) -> Any:
+        """The next queued item (a Pending or STOP), None when the queue is empty."""
         try:
             return self._queue.get_nowait()
         except queue.Empty:
@@ -119,21 +126,22 @@ class Batcher:
                 if stopping:
                     return
                 first = self._queue.get()
-                if first is None:
+                if first is STOP:
                     return
                 arrivals, stopping = self._collect(first)
             elif not stopping:
                 while len(steps) + len(arrivals) < self.max_batch:
                     item = self._get_nowait()
-                    if item is None:
+                    if item is None or item is STOP:
+                        stopping = item is STOP
                         break
                     arrivals.append(item)
-                stopping = stopping or self._stop_requested()
             arrivals = [p for p in arrivals if not p.result.cancelled()]
             try:
                 self.busy = True
                 if arrivals:
                     self.batch_sizes[len(arrivals)] += 1
+                    log.info("%d request(s) join %d decoding", len(arrivals), len(steps))
                     counts = [self.engine.prompt_tokens(p.prompt) for p in arrivals]
                     self._finish(steps, steps.admit([p.prompt for p in arrivals], [p.max_tokens for p in arrivals],
                                                     arrivals, counts))
@@ -152,14 +160,6 @@ class Batcher:
                 steps = self.engine.step_batch()
             finally:
                 self.busy = False
-
-    def _stop_requested(self) -> bool:
-        """A stop() sentinel waiting at the head of the queue (taken off it)."""
-        with self._queue.mutex:
-            if self._queue.queue and self._queue.queue[0] is None:
-                self._queue.queue.popleft()
-                return True
-        return False
 
     def _finish(self, steps: Any, rows: list) -> None:
         for row in rows:
