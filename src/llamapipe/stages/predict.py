@@ -20,6 +20,7 @@ import numpy as np
 
 from llamapipe.core.atomic import write_json
 from llamapipe.core.errors import PipelineError
+from llamapipe.core.jsonl import BLANK, BadLine, json_value, numbered_lines
 from llamapipe.core.tokenizer_io import SentencePieceTokenizer, decode_generated, left_padded_batch
 
 log = logging.getLogger("llamapipe.predict")
@@ -157,9 +158,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
     records = []
     try:
         with open(path, "rb") as f:  # binary, decoded a line at a time: a bad byte names its line
-            for number, raw in enumerate(f, start=1):
-                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM from some editors
-                    raw = raw[3:]
+            for number, raw in numbered_lines(f):
                 record = _record(raw)
                 if isinstance(record, str):
                     raise PipelineError(f'{path} line {number}: {record} (each line: a JSON object with "src", '
@@ -178,15 +177,11 @@ JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a numb
 def _record(raw: bytes) -> dict[str, Any] | str | None:
     """One line's record, None for a blank line, or what is wrong with it."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
-    if not text.strip():
+        record = json_value(raw)
+    except BadLine as exc:
+        return str(exc)
+    if record is BLANK:
         return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON ({exc.msg} at column {exc.colno})"
     if not isinstance(record, dict):
         return f"{JSON_KINDS.get(type(record), type(record).__name__)}, not a JSON object"
     if "src" not in record:

@@ -8,12 +8,12 @@ limits choose what is written, not what is validated.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from llamapipe.core.atomic import atomic_dir, write_json, write_json_lines
 from llamapipe.core.errors import PipelineError
+from llamapipe.core.jsonl import BLANK, BadLine, json_value, numbered_lines
 
 log = logging.getLogger("llamapipe.prepare_data")
 
@@ -71,12 +71,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[tuple[int, str]], int]:
     """Valid ``{"src","tgt"}`` records, ``(line number, reason)`` problems, and lines read."""
     records, problems = [], []
     n = 0
-    # Binary, decoded line by line: one bad byte is reported with its line number instead of
-    # failing the whole read.
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM from some editors
-                raw = raw[3:]
+        for n, raw in numbered_lines(f):
             rec = _parse(raw)
             if isinstance(rec, str):
                 problems.append((n, rec))
@@ -88,15 +84,11 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[tuple[int, str]], int]:
 def _parse(raw: bytes) -> dict | str:
     """The cleaned record, or the reason the line is bad."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
-    if not text.strip():
+        obj = json_value(raw)
+    except BadLine as e:
+        return str(e)
+    if obj is BLANK:
         return "empty line"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(obj, dict):
         return f"not a JSON object (got {type(obj).__name__})"
     for key in ("src", "tgt"):
