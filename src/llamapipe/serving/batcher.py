@@ -41,6 +41,7 @@ class Pending:
     stream: asyncio.Queue | None = None  # texts so far, when the client streams
     queued_at: float = field(default_factory=time.monotonic)
     batch_size: int = 0  # the batch it was decoded in (reported to the client)
+    prompt_tokens: int = 0  # counted when the request was checked (0: not counted yet)
 
 
 class Batcher:
@@ -66,9 +67,10 @@ class Batcher:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, prompt: str, max_tokens: int, stream: bool = False) -> Pending:
+    def submit(self, prompt: str, max_tokens: int, stream: bool = False, prompt_tokens: int = 0) -> Pending:
         loop = asyncio.get_running_loop()
-        item = Pending(prompt, max_tokens, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        item = Pending(prompt, max_tokens, loop, loop.create_future(), asyncio.Queue() if stream else None,
+                       prompt_tokens=prompt_tokens)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -142,7 +144,7 @@ class Batcher:
                 if arrivals:
                     self.batch_sizes[len(arrivals)] += 1
                     log.info("%d request(s) join %d decoding", len(arrivals), len(steps))
-                    counts = [self.engine.prompt_tokens(p.prompt) for p in arrivals]
+                    counts = [p.prompt_tokens or self.engine.prompt_tokens(p.prompt) for p in arrivals]
                     self._finish(steps, steps.admit([p.prompt for p in arrivals], [p.max_tokens for p in arrivals],
                                                     arrivals, counts))
                 if len(steps):

@@ -152,7 +152,8 @@ class Api:
                            "(GET /v1/models)", param="model", code="model_not_found")
         return req
 
-    def budget(self, prompt: str, max_tokens: Optional[int]) -> int:
+    def budget(self, prompt: str, max_tokens: Optional[int]) -> tuple[int, int]:
+        """(tokens to decode, the prompt's tokens), or the refusal naming the limit's key."""
         limits = self.engine.info.limits
         n = max_tokens or limits.default_max_tokens or limits.max_new_tokens
         if n > limits.max_new_tokens:
@@ -164,11 +165,11 @@ class Api:
             raise ApiError(400, f"the prompt is {tokens} tokens; the exported model takes at most "
                            f"{limits.src_length} ({limits.src_length_key}, then rerun sft and export)",
                            param="prompt", code="context_length_exceeded")
-        return n
+        return n, tokens
 
-    def submit(self, prompt: str, n: int, stream: bool) -> Any:
+    def submit(self, prompt: str, budget: tuple[int, int], stream: bool) -> Any:
         try:
-            pending = self.batcher.submit(prompt, n, stream=stream)
+            pending = self.batcher.submit(prompt, budget[0], stream=stream, prompt_tokens=budget[1])
         except QueueFull as err:
             raise ApiError(503, str(err), kind="server_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -299,7 +300,7 @@ def create_app(api: Api) -> FastAPI:
                            param="prompt", code="invalid_value")
         budgets = [api.budget(p, req.max_tokens) for p in prompts]
         stops, head = _stops(req.stop), api.header("text")
-        pendings = [api.submit(p, n, req.stream) for p, n in zip(prompts, budgets)]
+        pendings = [api.submit(p, b, req.stream) for p, b in zip(prompts, budgets)]
         if req.stream:
             def chunk(text: str, reason: Optional[str], first: bool = False) -> dict[str, Any]:
                 return {**head, "object": "text_completion",
@@ -324,12 +325,12 @@ def create_app(api: Api) -> FastAPI:
             raise ApiError(400, "messages: no user or assistant message", param="messages", code="invalid_value")
         prompt = prompt_of_messages(turns)
         try:
-            n = api.budget(prompt, req.max_completion_tokens or req.max_tokens)
+            budget = api.budget(prompt, req.max_completion_tokens or req.max_tokens)
         except ApiError as err:
             err.param = "messages" if err.code == "context_length_exceeded" else err.param
             raise
         stops, head = _stops(req.stop), api.header("chat")
-        pending = api.submit(prompt, n, req.stream)
+        pending = api.submit(prompt, budget, req.stream)
         if req.stream:
             def chunk(text: str, reason: Optional[str], first: bool = False) -> dict[str, Any]:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
