@@ -20,6 +20,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/serve.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/variants.smk"
 
 
 rule all:

@@ -1,6 +1,7 @@
 # The one home of config validation, paths and stage parameters: no other file invents a path.
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -20,6 +21,13 @@ from llamapipe.config.paths import (
 from llamapipe.runners.commands import cards_for, rule_command
 from llamapipe.config import npu_overrides, resolve as resolve_config
 from llamapipe.config.validation import checked, coerce, config_schema, validate
+from llamapipe.config.variants import (
+    COMPARISON_HTML,
+    COMPARISON_TSV,
+    resolve_variants,
+    variant_dir,
+    variant_run,
+)
 from llamapipe.core.errors import PipelineError
 from llamapipe.scaleout.launch import layout_of, slurm_nodes
 from llamapipe.snakemake_hooks.stale_lock import record_owner as record_lock_owner
@@ -49,14 +57,27 @@ with open(os.path.join(workflow.basedir, "config.yaml")) as _f:
 for _line in npu_overrides(config, _shipped):
     logger.warning(_line)
 try:
-    # The target's overlays applied (npu.sft over sft, ...), then checked again as a whole.
-    CFG = resolve_config(config, _shipped)
+    # The target's overlays applied (npu.sft over sft, ...), then checked again as a whole. The
+    # plain run's config has no variants: with none, every command is what it was before them.
+    CFG = resolve_config({k: v for k, v in config.items() if k != "variants"}, _shipped)
 except PipelineError as err:
     raise WorkflowError(f"config: {err}")
 try:
     checked(CFG, _SCHEMA, defaults=False)
 except PipelineError as err:
     raise WorkflowError(f"the config resolved for target {CFG['target']}: {err}")
+try:
+    # variants: each name's config (the project's with its overrides), checked as the plain one
+    VARIANT_CFG = resolve_variants(config, _shipped, _SCHEMA)
+except PipelineError as err:
+    raise WorkflowError(str(err))
+VARIANTS = {name: variant_run(name, cfg, CFG) for name, cfg in VARIANT_CFG.items()}
+for _name, _run in VARIANTS.items():
+    logger.info(
+        f"variant {_name}: results/variants/{_name}/; shares "
+        + (", ".join(_run.shared) or "no data or model stage")
+        + " with the plain run"
+    )
 TARGET = CFG["target"]
 # rehearsal=cpu: the npu DAG on this machine's CPU (llamapipe.config.rehearsal lists the differences).
 REHEARSAL = bool(CFG["rehearsal"])
@@ -89,9 +110,18 @@ CONDA_ENV = "../../envs/conda-cpu.yaml"
 PROJECT_DIR = os.getcwd()
 
 
-def rule_cmd(rule_name, threads=1):
+# a variant's results directory, as rule outputs name it
+VARIANT = variant_dir("{variant}")
+
+
+wildcard_constraints:
+    # the configured names only (none: a pattern that matches nothing)
+    variant="|".join(re.escape(name) for name in VARIANTS) or "(?!)",
+
+
+def rule_cmd(rule_name, threads=1, variants=()):
     """The rule's whole command (llamapipe.runners.commands.rule_command): our CLI call, wrapped
-    for the target and runtime."""
+    for the target and runtime (``variants``: the names the comparison compares)."""
     return rule_command(
         rule_name,
         CFG,
@@ -99,7 +129,68 @@ def rule_cmd(rule_name, threads=1):
         threads=threads,
         checkout_clone=PADDLENLP_CLONE,
         auto_layout=not isinstance(config["npu"]["parallel"], dict),
+        variants=variants,
     )
+
+
+def variant_cmd(rule_name, threads_of=lambda cfg: 1):
+    """params.cmd of a variant's rule: the rule's command for the variant's config and paths
+    (``threads_of(cfg)``: its threads, as the plain rule computes them from the config).
+    """
+    return lambda wildcards: rule_command(
+        rule_name,
+        VARIANT_CFG[wildcards.variant],
+        PROJECT_DIR,
+        threads=threads_of(VARIANT_CFG[wildcards.variant]),
+        checkout_clone=PADDLENLP_CLONE,
+        auto_layout=not isinstance(config["npu"]["parallel"], dict),
+        run=VARIANTS[wildcards.variant],
+    )
+
+
+def variant_path(key, name=None):
+    """An input of a variant's rule: its own path, or the plain run's for a shared stage
+    (``name``: a file in that directory)."""
+    return lambda wildcards: os.path.join(
+        VARIANTS[wildcards.variant].paths[key], *([name] if name else [])
+    )
+
+
+def variant_threads(threads_of):
+    return lambda wildcards: threads_of(VARIANT_CFG[wildcards.variant])
+
+
+def variant_benchmarks(wildcards):
+    """The benchmark files of a variant's stages (a shared stage's are the plain run's)."""
+    return VARIANTS[wildcards.variant].benchmarks(VARIANT_CFG[wildcards.variant])
+
+
+def predict_threads(cfg):
+    """predict.threads: paddle.inference's CPU threads (measured default 1, bench/RESULTS.md)."""
+    return cfg["predict"]["threads"] or cfg["threads"]
+
+
+def config_threads(cfg):
+    return cfg["threads"]
+
+
+def comparison_inputs(wildcards):
+    """Every variant's finished run (its metrics, predictions, provenance and plots)."""
+    if not VARIANTS:
+        raise WorkflowError(
+            f"{COMPARISON_HTML} compares the config's variants, and it has none: add some, e.g. "
+            "--config 'variants={full: {}, lora: {sft: {lora: true}}}' (README, Variants)"
+        )
+    return [
+        f"{variant_dir(name)}/{name_}"
+        for name in VARIANTS
+        for name_ in (
+            "metrics.json",
+            "predictions.json",
+            "provenance.json",
+            "plots/loss.png",
+        )
+    ]
 
 
 def npu_cards(rule_name):
@@ -140,7 +231,10 @@ def image_inputs(wheels=False):
 
 
 def default_targets():
-    """What a bare `snakemake` builds: predictions, metrics, and what the report shows."""
+    """What a bare `snakemake` builds: predictions, metrics, and what the report shows; with
+    variants, their comparison (each variant's run, not the plain one)."""
+    if VARIANTS:
+        return [COMPARISON_HTML]
     return [
         PATHS["predictions"],
         PATHS["metrics"],

@@ -33,12 +33,11 @@ rule predict:
         bench_of("predict")
     conda:
         CONDA_ENV
-    # predict.threads: paddle.inference's CPU threads (measured default 1, bench/RESULTS.md)
-    threads: CFG["predict"]["threads"] or CFG["threads"]
+    threads: predict_threads(CFG)
     resources:
         npu=npu_cards("predict"),
     params:
-        cmd=rule_cmd("predict", threads=CFG["predict"]["threads"] or CFG["threads"]),
+        cmd=rule_cmd("predict", threads=predict_threads(CFG)),
     shell:
         "{params.cmd} > {log} 2>&1"
 

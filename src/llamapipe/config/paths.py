@@ -69,14 +69,19 @@ def image_records(cfg: dict) -> list[str]:
     return [PATHS["base_image"], PATHS["image"]]
 
 
-def stage_benchmarks(cfg: dict) -> list[str]:
-    """Benchmark files of the stages a run always has (for the per-stage time plot)."""
+def stage_benchmark_names(cfg: dict) -> list[str]:
+    """The stages a run always has (for the per-stage time plot)."""
     stages = ["preflight", "download_data", "prepare_data", "init_model", "sft", "merge", "export", "predict",
               "evaluate"]
     if cfg["target"] == "npu":
         stages += (["pull_image", "build_image"] if image_records(cfg) else []) + [
             "preflight_image", "build_ops", "smoke_collective"]
-    return [bench_of(s) for s in stages]
+    return stages
+
+
+def stage_benchmarks(cfg: dict) -> list[str]:
+    """Benchmark files of the plain run's stages."""
+    return [bench_of(s) for s in stage_benchmark_names(cfg)]
 
 
 def _is_local_path(name: str, project: str) -> bool:

@@ -19,8 +19,9 @@ import os
 import shlex
 
 from llamapipe.config.parallel import plan_argv
-from llamapipe.config.paths import CACHE_DIR, PATHS, image_records, manifest_of, stage_benchmarks, user_paths
+from llamapipe.config.paths import CACHE_DIR, PATHS, image_records, user_paths
 from llamapipe.config.stage_params import stage_params_json
+from llamapipe.config.variants import COMPARISON_HTML, COMPARISON_TSV, PLAIN, Run, variant_dir
 from llamapipe.core.cards import parse_cards
 from llamapipe.entrypoints import CLI_SCRIPT, SMOKE_SCRIPT, package_src_dir  # noqa: F401 (tests name them here)
 from llamapipe.npu import scripts
@@ -130,27 +131,31 @@ def placed_like(stage: str, cfg: dict, project_dir: str, argv: list[str], thread
 
 
 def stage_command(stage: str, cfg: dict, paths: dict, project_dir: str, argv: list[str],
-                  threads: int = 1) -> str:
-    """``argv`` is the stage's own CLI call (``llamapipe <stage> ...``); wrap it for the target."""
+                  threads: int = 1, label: str | None = None) -> str:
+    """``argv`` is the stage's own CLI call (``llamapipe <stage> ...``); wrap it for the target.
+    ``label``: its containers' rule label (a variant's, so two variants' jobs never take each other
+    for a stale container)."""
     project = os.path.abspath(project_dir)
     if stage == "sft" and (cfg["target"] == "npu" or launch.launched(cfg)):
-        return _sft_command(cfg, paths, project_dir, argv, threads, launch.layout_of(cfg))
+        return _sft_command(cfg, paths, project_dir, argv, threads, launch.layout_of(cfg), label)
     if cfg["target"] == "npu" and stage in scripts.STAGE_SCRIPTS:
-        return _placed(stage, cfg, project_dir, scripts.STAGE_SCRIPTS[stage](cfg, paths, project, argv), threads)
+        return _placed(stage, cfg, project_dir, scripts.STAGE_SCRIPTS[stage](cfg, paths, project, argv), threads,
+                       label=label)
     if cfg["runtime"] == "container":
-        return _containerized(stage, cfg, project_dir, ["python", "-m", "llamapipe", *argv[1:]], threads)
+        return _containerized(stage, cfg, project_dir, ["python", "-m", "llamapipe", *argv[1:]], threads,
+                              label=label)
     return shlex.join(argv)
 
 
 def _sft_command(cfg: dict, paths: dict, project_dir: str, argv: list[str], threads: int,
-                 layout: LaunchLayout) -> str:
+                 layout: LaunchLayout, label: str | None = None) -> str:
     """sft under the launcher: upstream's script on npu, our sft stage on cpu (data parallel,
     ``sft.processes``/``sft.nodes``); with srun, one launcher per node of the SLURM job."""
     project = os.path.abspath(project_dir)
     if cfg["target"] == "npu":
         node_script = scripts.sft_script(cfg, paths, project, layout)
         if not launch.by_srun(layout):
-            return _placed("sft", cfg, project_dir, node_script, threads)
+            return _placed("sft", cfg, project_dir, node_script, threads, label=label)
         before = scripts.prepare_sft_script(cfg, paths, project)
         after = scripts.collect_sft_script(cfg, paths, project)
     else:
@@ -162,14 +167,14 @@ def _sft_command(cfg: dict, paths: dict, project_dir: str, argv: list[str], thre
         entry = ["--", os.path.join(package_src_dir(), CLI_SCRIPT), *inner]
         node_script = launch.node_command(layout, launch.launch_argv(layout, entry, paths["sft_launch_logs"]))
         if not launch.by_srun(layout):
-            return _placed("sft", cfg, project_dir, node_script, threads)
+            return _placed("sft", cfg, project_dir, node_script, threads, label=label)
         before = after = None
     if cfg["runtime"] == "local":
         per_node = shlex.join(node_script)
     else:
-        per_node = _containerized("sft", cfg, project, node_script, threads, SRUN_TASK_ENV)
-    once_before = [_placed("sft", cfg, project_dir, before, threads)] if before else []
-    once_after = [_placed("sft", cfg, project_dir, after, threads)] if after else []
+        per_node = _containerized("sft", cfg, project, node_script, threads, SRUN_TASK_ENV, label=label)
+    once_before = [_placed("sft", cfg, project_dir, before, threads, label=label)] if before else []
+    once_after = [_placed("sft", cfg, project_dir, after, threads, label=label)] if after else []
     return shlex.join(launch.srun_script(layout, per_node, once_after, once_before))
 
 
@@ -188,12 +193,13 @@ STAGE_PATH_ARGS = {
 }
 
 
-def stage_argv(stage: str, cfg: dict, threads: int) -> list[str]:
-    """Our CLI call for a stage: its config section, seed, threads, manifest and paths."""
+def stage_argv(stage: str, cfg: dict, threads: int, run: Run = PLAIN) -> list[str]:
+    """Our CLI call for a stage: its config section, seed, threads, manifest and paths (``run``'s:
+    the plain run's, or a variant's)."""
     argv = ["llamapipe", stage.replace("_", "-"), "--params", stage_params_json(stage, cfg),
-            "--seed", str(cfg["seed"]), "--threads", str(threads), "--manifest", manifest_of(stage)]
+            "--seed", str(cfg["seed"]), "--threads", str(threads), "--manifest", run.manifest(stage)]
     for flag, key in STAGE_PATH_ARGS[stage]:
-        argv += [flag, PATHS[key]]
+        argv += [flag, run.paths[key]]
     return argv
 
 
@@ -206,9 +212,11 @@ def npu_build_args(cfg: dict) -> dict:
             "PADDLE_INDEX": image["paddle_index"], "PADDLE_NPU_INDEX": image["paddle_npu_index"]}
 
 
-def _tool_argv(rule: str, cfg: dict, checkout_clone: str | None, auto_layout: bool) -> list[str]:
+def _tool_argv(rule: str, cfg: dict, checkout_clone: str | None, auto_layout: bool, run: Run = PLAIN,
+               variants: tuple[str, ...] = ()) -> list[str]:
     """The helpers that always run on the host (never in a container)."""
     image = cfg["npu"]["image"]
+    paths = run.paths
     if rule == "preflight":  # host checks: they check the host the containers need
         return ["llamapipe", "preflight", "--params", stage_params_json("preflight", cfg), "--out", PATHS["preflight"]]
     if rule == "pull_image":
@@ -226,15 +234,18 @@ def _tool_argv(rule: str, cfg: dict, checkout_clone: str | None, auto_layout: bo
         return ["llamapipe", "fetch-paddlenlp", "--repo", image["paddlenlp_repo"], "--commit",
                 image["paddlenlp_commit"], "--out", checkout_clone or ".cache/PaddleNLP"]
     if rule == "plots":
-        return ["llamapipe", "plots", "--train-log", f"{PATHS['sft']}/train_log.jsonl",
-                "--benchmarks", ",".join(stage_benchmarks(cfg)), "--out", PATHS["plots"]]
+        return ["llamapipe", "plots", "--train-log", f"{paths['sft']}/train_log.jsonl",
+                "--benchmarks", ",".join(run.benchmarks(cfg)), "--out", paths["plots"]]
     if rule == "report_tables":
-        return ["llamapipe", "report-tables", "--metrics", PATHS["metrics"], "--predictions", PATHS["predictions"],
-                "--out", PATHS["report_tables"]]
+        return ["llamapipe", "report-tables", "--metrics", paths["metrics"], "--predictions", paths["predictions"],
+                "--out", paths["report_tables"]]
+    if rule == "comparison":
+        return ["llamapipe", "compare", *[variant_dir(name) for name in variants],
+                "--html", COMPARISON_HTML, "--tsv", COMPARISON_TSV]
     if rule == "provenance":
-        return ["llamapipe", "provenance", "--manifests", PATHS["manifests"], "--config",
+        return ["llamapipe", "provenance", "--manifests", ",".join(run.manifest_dirs()), "--config",
                 json.dumps(cfg, sort_keys=True), "--images", ",".join(image_records(cfg)),
-                "--out", PATHS["provenance"]]
+                "--out", paths["provenance"]]
     raise KeyError(rule)
 
 
@@ -242,13 +253,16 @@ NPU_ONLY = ("preflight_image", "build_ops", "smoke_collective")
 
 
 def rule_command(rule: str, cfg: dict, project_dir: str, threads: int = 1, checkout_clone: str | None = None,
-                 auto_layout: bool = False) -> str:
+                 auto_layout: bool = False, run: Run = PLAIN, variants: tuple[str, ...] = ()) -> str:
     """The whole shell command of a rule (what ``snakemake -n -p`` prints). ``checkout_clone``:
     where the rehearsal clones PaddleNLP; ``auto_layout``: ``npu.parallel: auto`` was given
-    (the plan rule then searches every layout)."""
+    (the plan rule then searches every layout); ``run``: whose paths (the plain run, or a variant
+    with ``cfg`` its resolved config); ``variants``: the names the comparison rule compares."""
     project = os.path.abspath(project_dir)
     if rule in STAGE_PATH_ARGS:
-        return stage_command(rule, cfg, PATHS, project_dir, stage_argv(rule, cfg, threads), threads)
+        label = rule if run.name is None else f"{rule}.{run.name}"
+        return stage_command(rule, cfg, run.paths, project_dir, stage_argv(rule, cfg, threads, run), threads,
+                             None if run.name is None else label)
     if rule in NPU_ONLY:
         if cfg["target"] != "npu":  # in the cpu DAG's rule list only: nothing asks for their outputs
             return f"echo '{rule}: target npu only' && false"
@@ -259,4 +273,4 @@ def rule_command(rule: str, cfg: dict, project_dir: str, threads: int = 1, check
         else:
             argv = scripts.build_ops_script(cfg, PATHS, project)
         return _placed(rule, cfg, project_dir, argv, threads)
-    return shlex.join(_tool_argv(rule, cfg, checkout_clone, auto_layout))
+    return shlex.join(_tool_argv(rule, cfg, checkout_clone, auto_layout, run, tuple(variants)))

@@ -84,11 +84,14 @@ def data_archive(config: dict, download: dict | None, project_dir: str) -> dict:
     }
 
 
-def collect(manifest_dir: str, config: dict, project_dir: str, image_records: list[str], out: str) -> dict:
+def collect(manifest_dirs: str, config: dict, project_dir: str, image_records: list[str], out: str) -> dict:
+    """``manifest_dirs``: comma-separated; a variant's own directory comes after the plain run's
+    (the stages it shares), and wins for a stage found in both."""
     manifests = {}
-    for path in sorted(Path(manifest_dir).glob("*.json")):
-        m = json.loads(path.read_text())
-        manifests[m["stage"]] = m
+    for manifest_dir in manifest_dirs.split(","):
+        for path in sorted(Path(manifest_dir).glob("*.json")):
+            m = json.loads(path.read_text())
+            manifests[m["stage"]] = m
     record = {
         "created": now(),
         "git": git_state(project_dir),
