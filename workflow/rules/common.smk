@@ -24,6 +24,8 @@ from llamapipe.config.validation import checked, coerce, config_schema, validate
 from llamapipe.config.variants import (
     COMPARISON_HTML,
     COMPARISON_TSV,
+    PLAIN,
+    VARIANTS_DIR,
     resolve_variants,
     variant_dir,
     variant_run,
@@ -248,18 +250,14 @@ def default_targets():
 
 # Stage outputs in DAG order: a deleted intermediate is rebuilt with what follows it
 # (see llamapipe.snakemake_hooks.workflow_glue for why Snakemake needs help here).
-STAGE_CHAIN = [
-    PATHS["preflight"],
-    f"{PATHS['raw_data']}/train.json",
-    PATHS["train"],
-    PATHS["base_model"],
-    PATHS["sft"],
-    PATHS["merged"],
-    PATHS["inference"],
-    PATHS["predictions"],
-    PATHS["metrics"],
-]
-install_execution_hooks(workflow, STAGE_CHAIN, default_target=PATHS["metrics"])
+STAGE_CHAIN = PLAIN.chain()
+install_execution_hooks(
+    workflow,
+    STAGE_CHAIN,
+    default_target=PATHS["metrics"],
+    variant_chains={name: run.chain() for name, run in VARIANTS.items()},
+    variants_dir=VARIANTS_DIR,
+)
 
 
 onstart:

@@ -69,6 +69,12 @@ class Run:
         own = f"{self.home_dir}/manifests"
         return [own] if self.name is None else [f"{RESULTS}/manifests", own]
 
+    def chain(self) -> list[str]:
+        """Its stage outputs in DAG order (the rebuild-from-a-deleted-intermediate check)."""
+        p = self.paths
+        return [p["preflight"], f"{p['raw_data']}/train.json", p["train"], p["base_model"], p["sft"], p["merged"],
+                p["inference"], p["predictions"], p["metrics"]]
+
     def benchmarks(self, cfg: dict) -> list[str]:
         return [self.bench(s) for s in stage_benchmark_names(cfg)]
 

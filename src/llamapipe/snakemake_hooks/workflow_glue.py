@@ -72,6 +72,23 @@ def chain_gaps(chain: list[str], requested: Iterable[str], default_target: str,
     return []
 
 
+def variant_chain_gaps(chains: dict[str, list[str]], requested: Iterable[str], variants_dir: str,
+                       exists: Callable[[str], bool] = os.path.exists) -> list[str]:
+    """``chain_gaps`` for each variant whose outputs the request needs: a target under its
+    directory (``results/variants/<name>/...``) or one that needs every variant (anything else
+    under ``variants_dir``, e.g. the comparison)."""
+    requested = [r.rstrip("/") for r in requested]
+    gaps: list[str] = []
+    for name, chain in chains.items():
+        home = f"{variants_dir}/{name}"
+        mine = [r for r in requested if r == home or r.startswith(home + "/")]
+        every = [r for r in requested if r.startswith(variants_dir + "/") and not
+                 any(r.startswith(f"{variants_dir}/{other}/") for other in chains)]
+        if mine or every:
+            gaps += chain_gaps(chain, mine, chain[-1], exists)
+    return gaps
+
+
 def split_swallowed_targets(forcerun: Iterable[str], targets: Iterable[str], rule_names: Iterable[str]) -> tuple:
     """``snakemake --forcerun export results/predictions.json``: argparse hands both words to
     ``--forcerun`` (it takes several values) and leaves no target, so the default target would
@@ -144,7 +161,11 @@ def check_snakemake_api(workflow: Any, classes: Iterable[ClassApi] | None = None
     )
 
 
-def install_execution_hooks(workflow: Any, chain: list[str], default_target: str) -> None:
+def install_execution_hooks(workflow: Any, chain: list[str], default_target: str,
+                            variant_chains: dict[str, list[str]] | None = None,
+                            variants_dir: str | None = None) -> None:
+    """``chain``: the plain run's stage outputs in DAG order; ``variant_chains``: each variant's
+    (with variants, a bare ``snakemake`` builds their comparison, under ``variants_dir``)."""
     check_snakemake_api(workflow)
     execute = workflow.execute
 
@@ -166,10 +187,19 @@ def install_execution_hooks(workflow: Any, chain: list[str], default_target: str
                 print(f"reading --forcerun {' '.join(sorted(settings.forcerun))} as --forcerun "
                       f"{' '.join(forcerun)} with target(s) {' '.join(targets)}", flush=True)
                 settings.forcerun, settings.targets = frozenset(forcerun), frozenset(targets)
-            gaps = chain_gaps(chain, (str(t) for t in settings.targets), default_target)
+            requested = [str(t) for t in settings.targets]
+            gaps: list[str] = []
+            if variant_chains and variants_dir:
+                if not requested:
+                    requested = [variants_dir + "/"]  # the default target: the comparison
+                gaps += variant_chain_gaps(variant_chains, requested, variants_dir)
+                plain = [r for r in requested if not r.startswith(variants_dir + "/")]
+                gaps += chain_gaps(chain, plain, default_target) if plain else []
+            else:
+                gaps += chain_gaps(chain, requested, default_target)
+            for gap in gaps:
+                print(f"{gap} is missing while later outputs exist: rebuilding it and what follows", flush=True)
             if gaps:
-                print(f"{gaps[0]} is missing while later outputs exist: rebuilding it and what follows",
-                      flush=True)
                 settings.forcerun = frozenset(settings.forcerun) | set(gaps)
         return execute(*args, **kwargs)
 
