@@ -114,7 +114,8 @@ def test_a_variants_commands_are_the_plain_commands_on_its_own_paths(tmp_path):
         moved = [a if a.startswith(("results/data", "results/model")) else
                  a.replace("results/", "results/variants/lora/", 1) for a in shlex.split(alone)]
         assert mine == moved, rule
-    flags = dict(zip(*[iter(shlex.split(rule_command("provenance", variants["lora"], str(tmp_path), run=run))[2:])] * 2))
+    argv = shlex.split(rule_command("provenance", variants["lora"], str(tmp_path), run=run))
+    flags = dict(zip(argv[2::2], argv[3::2]))
     assert flags["--manifests"] == "results/manifests,results/variants/lora/manifests"
     assert flags["--out"] == "results/variants/lora/provenance.json"
     plots = shlex.split(rule_command("plots", variants["lora"], str(tmp_path), run=run))
@@ -195,7 +196,8 @@ def test_two_variants_run_side_by_side_and_equal_their_plain_runs(tmp_path):
     for name, extra in (("full", []), ("lora", ["--config", "sft={lora: true, learning_rate: 1.0e-2}"])):
         plain = snakemake(project, "--cores", "2", "results/predictions.json", "--configfile", "small.yaml", *extra)
         assert not {"download_data", "prepare_data", "init_model"} & set(_jobs_run(plain.stdout + plain.stderr))
-        assert (project / "results/predictions.json").read_bytes() == (variants / name / "predictions.json").read_bytes()
+        plain_predictions = (project / "results/predictions.json").read_bytes()
+        assert plain_predictions == (variants / name / "predictions.json").read_bytes(), name
     assert (variants / "full/predictions.json").read_bytes() != (variants / "lora/predictions.json").read_bytes()
 
     # the comparison's values are each variant's metrics.json
@@ -219,3 +221,13 @@ def test_two_variants_run_side_by_side_and_equal_their_plain_runs(tmp_path):
     assert planned_jobs(project, "--configfile", "changed.yaml") == {
         "sft_variant", "merge_variant", "export_variant", "predict_variant", "evaluate_variant", "plots_variant",
         "provenance_variant", "comparison"}
+
+
+def test_a_variant_value_that_the_npu_overlay_would_replace_is_refused():
+    # on npu, npu.sft overlays sft: a variant's sft.learning_rate would do nothing
+    with pytest.raises(PipelineError) as err:
+        _resolved({"lr": {"sft": {"learning_rate": 1.0e-4}}}, target="npu")
+    assert "variants.lr.sft.learning_rate is not used on target npu" in str(err.value)
+    assert "variants.lr.npu.sft.learning_rate" in str(err.value)
+    _, variants = _resolved({"lr": {"npu": {"sft": {"learning_rate": 1.0e-4}}}}, target="npu")
+    assert variants["lr"]["sft"]["learning_rate"] == 1.0e-4

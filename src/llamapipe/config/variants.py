@@ -150,6 +150,24 @@ def _key_problems(name: str, overrides: object) -> list[str]:
     return problems
 
 
+def _overlaid_problems(name: str, overrides: dict, config: dict) -> list[str]:
+    """On target npu ``npu.<section>`` overlays ``<section>`` (``config.npu_overrides``): a
+    variant's ``sft``/``export``/``predict``/``data`` value under a key the overlay sets would do
+    nothing, and the variant would silently be the plain run."""
+    from llamapipe.config.validation import OVERLAID_SECTIONS
+
+    if config.get("target") != "npu" or config.get("rehearsal"):
+        return []
+    problems = []
+    for section in OVERLAID_SECTIONS:
+        overlay = (config.get("npu") or {}).get(section) or {}
+        for key, value in (overrides.get(section) or {}).items():
+            if key in overlay and overlay[key] != value:
+                problems.append(f"variants.{name}.{section}.{key} is not used on target npu: npu.{section}.{key} "
+                                f"({overlay[key]!r}) overlays it; set variants.{name}.npu.{section}.{key} instead")
+    return problems
+
+
 def _prefixed(name: str, problems: list[str]) -> list[str]:
     out = []
     for p in problems:
@@ -180,6 +198,10 @@ def resolve_variants(config: dict, shipped: dict, schema: dict) -> dict[str, dic
             problems += _prefixed(name, errors)
             continue
         checked.pop("variants", None)  # a variant's config is its plain run's: no variants in it
+        overlaid = _overlaid_problems(name, overrides, checked)
+        if overlaid:
+            problems += overlaid
+            continue
         try:
             cfg = resolve(checked, shipped)
         except PipelineError as err:
