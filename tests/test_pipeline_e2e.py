@@ -156,12 +156,19 @@ def test_compare_two_results_dirs(finished_run, tmp_path):
     prov = _json(other / "provenance.json")
     prov["config"]["sft"]["learning_rate"] = 0.1
     (other / "provenance.json").write_text(json.dumps(prov))
-    proc = subprocess.run([*CLI, "compare", "--results-a", str(finished_run / "results"), "--results-b", str(other)],
-                          capture_output=True, text=True, cwd=finished_run)
+    page, tsv = tmp_path / "comparison.html", tmp_path / "comparison.tsv"
+    proc = subprocess.run([*CLI, "compare", str(finished_run / "results"), str(other), "--labels", "base,other",
+                           "--html", str(page), "--tsv", str(tsv)], capture_output=True, text=True, cwd=finished_run)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert any("sft.learning_rate" in line and "0.003" in line and "0.1" in line for line in lines)
-    assert any(line.split()[:2] == ["metric", "bleu-4"] for line in lines)
+    assert any(line.split() == ["sft.learning_rate", "0.003", "0.1"] for line in lines)  # the one key that differs
+    assert any(line.split()[:2] == ["bleu-4", "rouge-1"] for line in lines)  # the metrics table's header
+    metrics = _json(finished_run / "results/metrics.json")
+    base = next(line.split() for line in lines if line.startswith("base "))
+    assert base[1:] == [str(v) for v in metrics.values()]  # same numbers: nothing marked best
+    assert '<img src="data:image/png;base64,' in page.read_text(encoding="utf-8")
+    rows = tsv.read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and "config.sft.learning_rate" in rows[0] and "seconds.sft" in rows[0]
 
 
 def test_report_renders_loss_plot_and_metrics_table_in_a_real_browser(finished_run, tmp_path):

@@ -185,14 +185,20 @@ def _provenance(a: argparse.Namespace) -> Any:
 
 
 def _compare(a: argparse.Namespace) -> Any:
-    from llamapipe.stages import report
+    from llamapipe.stages import compare
 
-    table = report.compare(a.results_a, a.results_b)
-    print(table.to_string(index=False))
-    return {"rows": len(table)}
+    labels = [label.strip() for label in a.labels.split(",")] if a.labels is not None else None
+    runs = compare.load_runs(a.results, labels)
+    table = compare.comparison(runs)
+    print(compare.summary_text(table), flush=True)
+    if a.html or a.tsv:
+        return compare.write_page(runs, a.html, a.tsv)
+    return {"runs": len(runs), "differing_config_keys": len(table.config)}
 
 
-# Helpers around the stages: (handler, help, [(flag, help)]) with no --params.
+# Helpers around the stages: (handler, help, [(flag, help)]) with no --params. A flag is required
+# unless its entry adds argparse options as a third item ((flag, help, {...})); a name without
+# dashes is positional.
 TOOLS: dict[str, Any] = {
     "pull-image": (_pull_image, "pull the pinned base image, record its digest",
                    [("--image", "image reference"), ("--out", "base.json")]),
@@ -215,8 +221,15 @@ TOOLS: dict[str, Any] = {
                    [("--manifests", "manifest dirs, comma-separated (a variant: the plain run's, then its own)"),
                     ("--config", "resolved config JSON"),
                     ("--images", "comma-separated image records (may be empty)"), ("--out", "provenance.json")]),
-    "compare": (_compare, "side-by-side config differences and metrics of two results dirs",
-                [("--results-a", "results dir"), ("--results-b", "results dir")]),
+    "compare": (_compare, "metrics (best marked), loss curves, stage times, differing config keys and sample "
+                "predictions of one or more results dirs; prints metrics and config differences",
+                [("results", "results dirs: results, results/variants/<name>, ... (one or more)",
+                  {"nargs": "+", "metavar": "DIR"}),
+                 ("--labels", "comma-separated run names, one per DIR (default: <name> for .../variants/<name>, "
+                  "else DIR as given)", {"required": False}),
+                 ("--html", "write the comparison page (one self-contained HTML file) here", {"required": False}),
+                 ("--tsv", "write one row per run (metrics, config.<key>, seconds.<stage>) here",
+                  {"required": False})]),
     "collect-predictions": (_collect_predictions, "upstream predictor.py output -> predictions.json",
                             [("--upstream", "predictor output"), ("--dev", "dev.json"), ("--out", "predictions.json")]),
 }
@@ -243,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, path_flags=[flag for flag, _ in paths])
     for name, (handler, help_text, flags) in TOOLS.items():
         p = sub.add_parser(name, help=help_text)
-        for flag, flag_help in flags:
-            p.add_argument(flag, required=True, help=flag_help)
+        for flag, flag_help, *options in flags:
+            kwargs = {"required": True} if flag.startswith("-") else {}  # argparse refuses `required` on positionals
+            kwargs.update(*options)
+            p.add_argument(flag, help=flag_help, **kwargs)
         p.set_defaults(handler=handler, threads=1)
     from llamapipe.runners.container import add_container_run_parser
     from llamapipe.scaleout.plan_cli import add_plan_parser

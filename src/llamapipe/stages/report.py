@@ -1,4 +1,4 @@
-"""What a person looks at after a run: plots, tables for the Snakemake report, run comparison."""
+"""What a person looks at after a run: plots and tables for the Snakemake report (several runs: compare.py)."""
 
 from __future__ import annotations
 
@@ -105,20 +105,3 @@ def _html(title: str, frame: Any) -> str:
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}</style>"
             f"</head><body><h2>{title}</h2>{body}</body></html>")
 
-
-def compare(results_a: str, results_b: str) -> Any:
-    """Side by side: config keys that differ, then every metric."""
-    import pandas as pd
-
-    def load(d: str) -> tuple:
-        prov = Path(d) / "provenance.json"
-        config = json.loads(prov.read_text())["config"] if prov.exists() else {}
-        metrics_file = Path(d) / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        # dotted keys (npu.sft.max_steps): what a config override names
-        return pd.json_normalize([config], sep=".").to_dict("records")[0], metrics
-
-    (ca, ma), (cb, mb) = load(results_a), load(results_b)
-    rows = [("config", k, ca.get(k), cb.get(k)) for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)]
-    rows += [("metric", k, ma.get(k), mb.get(k)) for k in sorted(set(ma) | set(mb))]
-    return pd.DataFrame(rows, columns=["kind", "key", results_a, results_b])
