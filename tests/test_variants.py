@@ -109,6 +109,9 @@ def test_a_variants_commands_are_the_plain_commands_on_its_own_paths(tmp_path):
     run = variant_run("lora", variants["lora"], plain)
     for rule in ("sft", "merge", "export", "predict", "evaluate"):
         mine = shlex.split(rule_command(rule, variants["lora"], str(tmp_path), run=run))
+        if rule == "sft":  # its progress lines name the variant
+            assert mine[:3] == ["export", "LLAMAPIPE_VARIANT=lora;", "llamapipe"], mine[:3]
+            mine = mine[2:]
         # the plain run of the variant's config, its results/ paths moved under the variant
         alone = rule_command(rule, variants["lora"], str(tmp_path))
         moved = [a if a.startswith(("results/data", "results/model")) else
@@ -231,3 +234,19 @@ def test_a_variant_value_that_the_npu_overlay_would_replace_is_refused():
     assert "variants.lr.npu.sft.learning_rate" in str(err.value)
     _, variants = _resolved({"lr": {"npu": {"sft": {"learning_rate": 1.0e-4}}}}, target="npu")
     assert variants["lr"]["sft"]["learning_rate"] == 1.0e-4
+
+
+def test_a_variants_sft_progress_lines_name_it(monkeypatch):
+    import io
+
+    from llamapipe.config.variants import VARIANT_ENV
+    from llamapipe.stages import progress
+
+    assert progress.VARIANT_ENV == VARIANT_ENV
+    line = "2026-12-07 11:45:01,851 INFO llamapipe.sft: step 1/1000 (0%) | loss 7.6350\n"
+    for env, prefix in ((None, ""), ("lora", "[lora] ")):
+        if env:
+            monkeypatch.setenv(VARIANT_ENV, env)
+        out = io.StringIO()
+        progress.main(io.BytesIO(line.encode()), out)
+        assert out.getvalue() == prefix + line, out.getvalue()

@@ -18,6 +18,7 @@ from llamapipe.config.stage_params import stage_params_json
 from llamapipe.core.errors import PipelineError
 
 VARIANTS_DIR = f"{RESULTS}/variants"
+VARIANT_ENV = "LLAMAPIPE_VARIANT"  # a variant's sft exports its name: its progress lines show it
 COMPARISON_HTML = f"{VARIANTS_DIR}/comparison.html"
 COMPARISON_TSV = f"{VARIANTS_DIR}/comparison.tsv"
 # a path part on every filesystem, and no wildcard or shell trouble in a Snakemake target

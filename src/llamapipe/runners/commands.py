@@ -21,7 +21,7 @@ import shlex
 from llamapipe.config.parallel import plan_argv
 from llamapipe.config.paths import CACHE_DIR, PATHS, image_records, user_paths
 from llamapipe.config.stage_params import stage_params_json
-from llamapipe.config.variants import COMPARISON_HTML, COMPARISON_TSV, PLAIN, Run, variant_dir
+from llamapipe.config.variants import COMPARISON_HTML, COMPARISON_TSV, PLAIN, VARIANT_ENV, Run, variant_dir
 from llamapipe.core.cards import parse_cards
 from llamapipe.entrypoints import CLI_SCRIPT, SMOKE_SCRIPT, package_src_dir  # noqa: F401 (tests name them here)
 from llamapipe.npu import scripts
@@ -260,9 +260,12 @@ def rule_command(rule: str, cfg: dict, project_dir: str, threads: int = 1, check
     with ``cfg`` its resolved config); ``variants``: the names the comparison rule compares."""
     project = os.path.abspath(project_dir)
     if rule in STAGE_PATH_ARGS:
-        label = rule if run.name is None else f"{rule}.{run.name}"
-        return stage_command(rule, cfg, run.paths, project_dir, stage_argv(rule, cfg, threads, run), threads,
-                             None if run.name is None else label)
+        if run.name is None:
+            return stage_command(rule, cfg, run.paths, project_dir, stage_argv(rule, cfg, threads), threads)
+        command = stage_command(rule, cfg, run.paths, project_dir, stage_argv(rule, cfg, threads, run), threads,
+                                f"{rule}.{run.name}")
+        # sft's terminal lines name the variant (llamapipe.stages.progress reads it after the pipe)
+        return f"export {VARIANT_ENV}={shlex.quote(run.name)}; {command}" if rule == "sft" else command
     if rule in NPU_ONLY:
         if cfg["target"] != "npu":  # in the cpu DAG's rule list only: nothing asks for their outputs
             return f"echo '{rule}: target npu only' && false"

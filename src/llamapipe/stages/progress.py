@@ -171,6 +171,9 @@ class TerminalFilter:
         return []
 
 
+VARIANT_ENV = "LLAMAPIPE_VARIANT"  # = llamapipe.config.variants.VARIANT_ENV (this module is stdlib only)
+
+
 def main(stdin: Any = None, stdout: Any = None) -> int:
     """Read the job's output to its end, print what ``TerminalFilter`` keeps. Never stops early:
     ``tee`` writes the log, and a reader gone would cut its pipe and the job with it. Ctrl-C
@@ -179,11 +182,13 @@ def main(stdin: Any = None, stdout: Any = None) -> int:
     source = stdin if stdin is not None else sys.stdin.buffer
     out = stdout if stdout is not None else sys.stdout
     keep = TerminalFilter()
+    # a variant's sft (its command exports the name): several may train side by side
+    label = f"[{os.environ[VARIANT_ENV]}] " if os.environ.get(VARIANT_ENV) else ""
     for raw in iter(source.readline, b""):
         try:
             lines = keep.feed(raw.decode("utf-8", errors="replace"))
             if lines and out is not None:
-                out.write("".join(f"{x}\n" for x in lines))
+                out.write("".join(f"{label}{x}\n" for x in lines))
                 out.flush()
         except BrokenPipeError:  # nobody reads the terminal any more: keep draining
             out = None
