@@ -38,6 +38,9 @@ process started once, warmed with one untimed pass per concurrency before round 
   same model and export as flask.
 - server_nodelay (``--probe-nodelay``): the server of ``llamapipe serve --dry-run`` through a wrapper (written
   to the work directory) that sets TCP_NODELAY on the listening socket ``server.bind`` makes; nothing else.
+- server_baseline (``--baseline-src TREE``): ``llamapipe serve`` as server, but with TREE/src first on
+  PYTHONPATH instead of this checkout's src (TREE: another version of the project, e.g. ``git archive HEAD``
+  unpacked): a before/after of serving changes paired per round under the same machine load.
 ``--serve-config 'serve={batch_window_ms: 30}'``: more --config values for every ``llamapipe serve`` here.
 Every process decodes on one thread (OMP/MKL_NUM_THREADS=1; predict.threads: 1; upstream's
 StaticGraphPredictor keeps paddle.inference's default of 1; the shared --threads option is not used here); the
@@ -420,6 +423,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="default: the predict section's max_new_tokens")
     ap.add_argument("--serve-config", nargs="+", default=[], metavar="KEY=VALUE",
                     help="more --config values for every `llamapipe serve` here, e.g. 'serve={batch_window_ms: 30}'")
+    ap.add_argument("--baseline-src", metavar="TREE",
+                    help="also `llamapipe serve` from TREE/src (another version of the project): variant "
+                         "server_baseline")
     ap.add_argument("--probe-nodelay", action="store_true",
                     help="also the server with TCP_NODELAY on its listening socket (variant server_nodelay)")
     args = ap.parse_args()
@@ -459,6 +465,15 @@ def main() -> None:
             started.append(server)
             result["commands"]["server"] = f"cd {cpu} && {shlex.join(cmd)}"
             add_server_units(units, warm, server, prompts, max_tokens)
+            if args.baseline_src:
+                base_src = str(Path(args.baseline_src).resolve() / "src")
+                rest = [q for q in env["PYTHONPATH"].split(os.pathsep) if q != str(C.ROOT / "src")]
+                base_env = {**env, "PYTHONPATH": os.pathsep.join([base_src, *rest])}
+                cmd = [C.PYTHON, "-m", "llamapipe", "serve", "--port", "0", *extra]
+                base = Server("server_baseline", cmd, cpu, base_env, work / "server_baseline.log", "ours")
+                started.append(base)
+                result["commands"]["server_baseline"] = f"cd {cpu} && PYTHONPATH={base_src}:... {shlex.join(cmd)}"
+                add_server_units(units, warm, base, prompts, max_tokens)
             if args.probe_nodelay:
                 cmd = nodelay_probe(cpu, env, work, extra)
                 probe = Server("server_nodelay", cmd, cpu, env, work / "server_nodelay.log", "ours")
@@ -508,8 +523,9 @@ def main() -> None:
         summary = {name: summarise(p) for name, p in passes.items()}
         result["results"] = summary
         result["passes"] = passes
+        ours = ("server@", "server_nodelay@", "server_baseline@", "batched@")
         result["same_text_as_sequential"] = {n: same_texts(first[n], first["sequential@1"])
-                                             for n in first if n.startswith(("server@", "server_nodelay@", "batched@"))}
+                                             for n in first if n.startswith(ours)}
         if "flask@1" in first and "server_upstream@1" in first:
             result["same_text_server_upstream_as_flask"] = same_texts(first["server_upstream@1"], first["flask@1"])
         pairs = {"server@16 / sequential": ("server@16", "sequential@1"),
@@ -518,6 +534,10 @@ def main() -> None:
                  "server@1 / sequential": ("server@1", "sequential@1"),
                  "server@16 / server@1": ("server@16", "server@1"),
                  "server@16 / flask@16": ("server@16", "flask@16"),
+                 "server@16 / server_baseline@16": ("server@16", "server_baseline@16"),
+                 "server_baseline@16 / sequential": ("server_baseline@16", "sequential@1"),
+                 "server@4 / server_baseline@4": ("server@4", "server_baseline@4"),
+                 "server@1 / server_baseline@1": ("server@1", "server_baseline@1"),
                  "server_nodelay@16 / sequential": ("server_nodelay@16", "sequential@1"),
                  "server_nodelay@1 / sequential": ("server_nodelay@1", "sequential@1"),
                  "flask@16 / flask@1": ("flask@16", "flask@1"),
