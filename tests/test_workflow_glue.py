@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from llamapipe.snakemake_hooks.workflow_glue import chain_gaps
+from llamapipe.snakemake_hooks.workflow_glue import chain_gaps, variant_chain_gaps
 
 CHAIN = ["a", "b", "c", "d", "e"]
 
@@ -29,6 +29,20 @@ def test_only_outputs_the_request_depends_on_count():
     # no known target requested: the default target decides
     assert chain_gaps(CHAIN, ["other"], "d", _exists({"a", "b", "d", "e"})) == ["c"]
     assert chain_gaps(CHAIN, ["d/"], "d", _exists({"a", "d"})) == ["b"]
+
+
+def test_a_variants_gap_counts_only_when_the_request_needs_that_variant():
+    v = "results/variants"
+    chains = {name: ["r/pre", f"{v}/{name}/sft", f"{v}/{name}/merged", f"{v}/{name}/metrics.json"]
+              for name in ("full", "lora")}
+    present = _exists({"r/pre", f"{v}/full/sft", f"{v}/full/metrics.json", f"{v}/lora/sft", f"{v}/lora/metrics.json"})
+    # the comparison (anything under the variants' directory but no variant's own) needs every variant
+    assert variant_chain_gaps(chains, [f"{v}/comparison.html"], v, present) == [f"{v}/full/merged",
+                                                                                f"{v}/lora/merged"]
+    assert variant_chain_gaps(chains, [f"{v}/lora/metrics.json"], v, present) == [f"{v}/lora/merged"]
+    assert variant_chain_gaps(chains, ["results/predictions.json"], v, present) == []
+    # asking for one variant's sft does not rebuild its merged
+    assert variant_chain_gaps(chains, [f"{v}/lora/sft"], v, present) == []
 
 
 def test_paths_swallowed_by_forcerun_become_the_targets():
