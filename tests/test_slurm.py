@@ -2,15 +2,19 @@
 slurmdbd started by tests/slurm_cluster.py, driven by ``snakemake --profile profiles/slurm`` through
 the pinned snakemake-executor-plugin-slurm.
 
-- the cpu DAG through the NPU profile with only the cpu settings overridden (partition, memory,
-  runtime): every rule is a SLURM job in ``sacct`` (job comment ``rule_<name>``), COMPLETED, and
-  the profile's per-rule gres reached SLURM (``gres/npu=8`` for sft, 1 for merge/export/predict);
-- a failing job: its log reaches the terminal, and sacct says FAILED;
+- the cpu DAG (its default target) through the NPU profile with only the cpu settings overridden
+  (partition, memory, runtime): one SLURM job in ``sacct`` per job with cards (job comment ``rule_<name>``) and per
+  group job of the light rules (``rule_<group>_<its rules>``), exactly what the dry-run planned,
+  fewer than the rules, COMPLETED, and the profile's per-rule gres reached SLURM (``gres/npu=8``
+  for sft, 1 for merge/export/predict, none for a group job);
+- a failing job inside a group job: its log reaches the terminal, and sacct says FAILED;
 - ``sbatch --test-only`` accepts each per-rule request of profiles/slurm/config.yaml (read from the
   file) on the generated cluster, and refuses one card more than the node has;
 - bench/slurm_overhead.py --quick on the same cluster;
-- without a cluster: the profile's slurm_extra holds no option the plugin refuses, and its gres
-  match the npu resources the rules declare on the npu target.
+- without a cluster: the profile's slurm_extra holds no option the plugin refuses, its gres
+  match the npu resources the rules declare on the npu target (variants too), and its groups
+  batch the light rules (one SLURM job for download_data, prepare_data and init_model, one for
+  evaluate and the report rules) and are valid on cpu, npu, the rehearsal and with variants.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 import shlex
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,6 +40,11 @@ export: {max_new_tokens: 16}
 predict: {limit: 8, max_new_tokens: 16}
 """
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
+GROUP_JOB = re.compile(r"Group job (\S+) \(jobs in lexicogr\. order\):")
+# The light rules of the plain run (no cards, seconds of work): profiles/slurm's `groups` batch
+# them (and their `_variant` rules) with their neighbours, never one SLURM job each.
+LIGHT = {"preflight", "download_data", "prepare_data", "init_model", "evaluate", "plots", "report_tables",
+         "provenance"}
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 
 
@@ -54,6 +64,44 @@ def cpu_settings(cluster) -> list[str]:
     after 1 s instead of the plugin's 40."""
     return ["--default-resources", f"slurm_partition={cluster.cpu_partition}", "runtime=30", "mem_mb=2000",
             "--slurm-init-seconds-before-status-checks", "1"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One SLURM job the profile submits: a group job of the light rules or one rule's job."""
+    group: str | None
+    rules: tuple[str, ...]  # the rules of its jobs, sorted (a group job's name is built from them)
+
+    @property
+    def comment(self) -> str:
+        """The job comment snakemake-executor-plugin-slurm 2.6.1 gives it (``rule_<job name>``; a
+        group job's name is ``<group>_<its rules, sorted, at most 5>``, Snakemake 9.27.1; a job
+        with wildcards, a variant's, gets ``_wildcards_<values>`` after it, not modelled here)."""
+        if self.group is None:
+            return f"rule_{self.rules[0]}"
+        names = sorted(set(self.rules))
+        return f"rule_{self.group}_{'_'.join(names[:5] + (['...'] if len(names) > 5 else []))}"
+
+
+def planned_submissions(project: Path, *args: str) -> list[Submission]:
+    """The SLURM jobs ``snakemake --profile profiles/slurm`` submits for the DAG, read from its
+    dry-run (which applies the profile's groups): one per group job, one per ungrouped job."""
+    out = snakemake(project, "-n", "--profile", "profiles/slurm", *args).stdout
+    units: list[tuple[str | None, list[str]]] = []
+    for line in out.splitlines():
+        m = GROUP_JOB.search(line)
+        if m:
+            units.append((m.group(1), []))
+            continue
+        m = re.match(r"^(    )?rule (\w+):$", line)
+        if m and m.group(2) == "all":  # no command (norun): Snakemake finishes it itself
+            continue
+        if m and m.group(1):
+            assert units and units[-1][0] is not None, line
+            units[-1][1].append(m.group(2))
+        elif m:
+            units.append((None, [m.group(2)]))
+    return [Submission(group, tuple(sorted(rules))) for group, rules in units]
 
 
 def sacct_jobs(cluster, job_ids: list[str], timeout: float = 60) -> dict[str, dict]:
@@ -85,11 +133,13 @@ def _write_small(project: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):
-    """The cpu DAG up to the metrics, every rule a SLURM job, as `snakemake --profile profiles/slurm`."""
+    """The cpu DAG's default target (metrics, plots, report tables, provenance) as `snakemake
+    --profile profiles/slurm`: each job with cards a SLURM job, the light rules in group jobs."""
     project = copy_project(tmp_path_factory.mktemp("slurm") / "project")
     _write_small(project)
-    args = ("--configfile", "config.yaml", "small.yaml", "--", "results/metrics.json")
+    args = ("--configfile", "config.yaml", "small.yaml")
     expected = planned_jobs(project, *args)
+    submissions = planned_submissions(project, *cpu_settings(slurm_cluster), *args)
     start = time.monotonic()
     proc = snakemake(project, "--profile", "profiles/slurm", *cpu_settings(slurm_cluster), *args,
                      check=False, timeout=1500, env=slurm_cluster.env())
@@ -98,19 +148,20 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         raise AssertionError(f"snakemake --profile profiles/slurm failed:\n{proc.stderr[-5000:]}"
                              f"{slurm_logs(project)}\n{slurm_cluster.log_tails()}")
     job_ids = SUBMITTED.findall(proc.stdout + proc.stderr)
-    print(f"[slurm run] {len(job_ids)} SLURM jobs, {wall:.0f} s", flush=True)
-    return {"project": project, "proc": proc, "expected": expected, "job_ids": job_ids,
-            "jobs": sacct_jobs(slurm_cluster, job_ids)}
+    print(f"[slurm run] {len(job_ids)} SLURM jobs for {len(expected)} rules, {wall:.0f} s", flush=True)
+    return {"project": project, "proc": proc, "expected": expected, "submissions": submissions,
+            "job_ids": job_ids, "jobs": sacct_jobs(slurm_cluster, job_ids)}
 
 
 @pytest.mark.slurm
 @pytest.mark.e2e
-def test_every_rule_ran_as_a_completed_slurm_job(slurm_run):
-    jobs = slurm_run["jobs"]
-    assert len(slurm_run["job_ids"]) == len(slurm_run["expected"]), (slurm_run["job_ids"], slurm_run["expected"])
+def test_every_rule_ran_in_a_completed_slurm_job(slurm_run):
+    jobs, submissions = slurm_run["jobs"], slurm_run["submissions"]
+    # the rules the dry-run without the profile plans, each in exactly one planned SLURM job
+    assert sorted(r for s in submissions for r in s.rules) == sorted(slurm_run["expected"]), submissions
+    assert len(slurm_run["job_ids"]) == len(submissions), (slurm_run["job_ids"], submissions)
     assert set(jobs) == set(slurm_run["job_ids"]), jobs
-    rules = sorted(r["Comment"].removeprefix("rule_") for r in jobs.values())
-    assert rules == sorted(slurm_run["expected"])  # one job per rule, named by its comment
+    assert sorted(r["Comment"] for r in jobs.values()) == sorted(s.comment for s in submissions), jobs
     assert {r["State"] for r in jobs.values()} == {"COMPLETED"}, jobs
     assert len({r["JobName"] for r in jobs.values()}) == 1  # the plugin names every job by the run's id
     metrics = slurm_run["project"] / "results" / "metrics.json"
@@ -119,12 +170,29 @@ def test_every_rule_ran_as_a_completed_slurm_job(slurm_run):
 
 @pytest.mark.slurm
 @pytest.mark.e2e
+def test_light_rules_shared_slurm_jobs(slurm_run):
+    """The light rules went to SLURM batched, not one sbatch each (bench/RESULTS.md: 16-28 s of
+    scheduling per SLURM job): download_data, prepare_data and init_model in one job, evaluate and
+    the report's rules in another, that one on one CPU (its rules one after another: `serial`;
+    side by side they asked for 3 CPUs, and the test node's 2 never started it)."""
+    jobs = {r["Comment"]: r for r in slurm_run["jobs"].values()}
+    assert len(slurm_run["job_ids"]) < len(slurm_run["expected"]), (slurm_run["job_ids"], slurm_run["expected"])
+    assert "rule_prep_download_data_init_model_prepare_data" in jobs, jobs
+    assert jobs["rule_report_evaluate_plots_provenance_report_tables"]["AllocCPUS"] == "1", jobs
+    assert not set(jobs) & {f"rule_{r}" for r in LIGHT}, jobs
+
+
+@pytest.mark.slurm
+@pytest.mark.e2e
 def test_profile_requests_reached_slurm(slurm_run, slurm_cluster):
-    """The NPU profile's per-rule gres were part of the real submissions (cpu target, same profile)."""
-    by_rule = {r["Comment"].removeprefix("rule_"): r for r in slurm_run["jobs"].values()}
+    """The NPU profile's per-rule gres were part of the real submissions (cpu target, same profile);
+    no group job of light rules holds cards."""
+    by_comment = {s.comment: s for s in slurm_run["submissions"]}
     wanted = {rule: _unquote(res["gres"]) for rule, res in _profile()["set-resources"].items() if "gres" in res}
-    for rule, rec in by_rule.items():
+    for rec in slurm_run["jobs"].values():
         assert rec["Partition"] == slurm_cluster.cpu_partition
+        sub = by_comment[rec["Comment"]]
+        rule = sub.rules[0] if sub.group is None else None
         if rule in wanted:
             name, count = wanted[rule].split(":")
             assert f"gres/{name}={count}" in rec["AllocTRES"].split(","), (rule, rec)
@@ -135,30 +203,34 @@ def test_profile_requests_reached_slurm(slurm_run, slurm_cluster):
 @pytest.mark.slurm
 @pytest.mark.e2e
 def test_failing_job_log_reaches_the_terminal(slurm_cluster, tmp_path):
+    """download_data fails inside the group job it shares with prepare_data (profiles/slurm)."""
     project = copy_project(tmp_path / "project")
     (project / "bad.yaml").write_text("data: {sha256: '" + "0" * 64 + "'}\n")  # the archive will not match
-    proc = snakemake(project, "--profile", "profiles/slurm", *cpu_settings(slurm_cluster),
-                     "--configfile", "config.yaml", "bad.yaml", "--", "results/data/train.json",
+    args = ("--configfile", "config.yaml", "bad.yaml", "--", "results/data/train.json")
+    group = [s for s in planned_submissions(project, *cpu_settings(slurm_cluster), *args) if "download_data" in s.rules]
+    assert [(s.group, s.rules) for s in group] == [("prep", ("download_data", "prepare_data"))], group
+    proc = snakemake(project, "--profile", "profiles/slurm", *cpu_settings(slurm_cluster), *args,
                      check=False, timeout=600, env=slurm_cluster.env())
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     log = (project / "results/logs/download_data.log").read_text()
     assert "sha256" in log, log
-    # profiles/default's show-failed-logs prints the rule's log after the error, under this header
+    assert f"Error in group {group[0].group}" in out, out[-4000:]  # Snakemake's verdict on the group job
+    ids = SUBMITTED.findall(out)
+    jobs = sacct_jobs(slurm_cluster, ids)
+    failed = [(i, r) for i, r in jobs.items() if r["Comment"] == group[0].comment]
+    assert [r["State"] for _, r in failed] == ["FAILED"], jobs
+    # profiles/default's show-failed-logs prints, for a failed group job, the job's SLURM log (the
+    # jobstep's snakemake), then each rule's log (Snakemake 9.27.1: a missing one is named and
+    # skipped; prepare_data never ran), under these headers
+    slurm_log = project / ".snakemake" / "slurm_logs" / f"group_{group[0].comment.removeprefix('rule_')}" / \
+        f"{failed[0][0]}.log"
+    assert f"Logfile {slurm_log}:" in out, out[-4000:]
     header = "Logfile results/logs/download_data.log:"
-    assert header in out, out[-4000:]
+    assert header in out.split(f"Logfile {slurm_log}:", 1)[1], out[-4000:]
     shown = out.split(header, 1)[1]
     last_line = [line for line in log.splitlines() if line.strip()][-1].strip()
     assert last_line in shown, (last_line, shown[:3000])
-    assert "SLURM-job" in out and "FAILED" in out  # the plugin's own verdict
-    ids = SUBMITTED.findall(out)
-    jobs = sacct_jobs(slurm_cluster, ids)
-    failed = [(i, r) for i, r in jobs.items() if r["Comment"] == "rule_download_data"]
-    assert [r["State"] for _, r in failed] == ["FAILED"], jobs
-    # ... and the job's SLURM log (the jobstep's snakemake) follows it. Snakemake 9.27.1 prints it
-    # only after a non-empty rule log: show_logs stops at the first missing or empty file.
-    slurm_log = project / ".snakemake" / "slurm_logs" / "rule_download_data" / f"{failed[0][0]}.log"
-    assert f"Logfile {slurm_log}:" in shown, shown[:3000]
 
 
 def _test_only(cluster, args: list[str]):
@@ -209,11 +281,15 @@ def test_profile_slurm_extra_has_no_option_the_plugin_refuses():
         assert not refused, (rule, extra, refused)
 
 
+VARIANTS = "variants={a: {}, b: {seed: 7, data: {max_train: 100}}}"  # b: its own data, model, sft ...
+VARIANT_TARGETS = ("results/variants/comparison.html", "results/metrics.json")
+
+
 def test_profile_gres_match_the_rules_npu_resources(tmp_path):
     """Every rule that declares npu=<cards> on the npu target asks SLURM for those cards, and no
-    other rule asks for any (the default config: 8 cards)."""
+    other rule asks for any (the default config: 8 cards; a variant's rules too)."""
     project = copy_project(tmp_path / "project")
-    out = snakemake(project, "-n", "--config", "target=npu", "--", "results/metrics.json").stdout
+    out = snakemake(project, "-n", "--config", "target=npu", VARIANTS, "--", *VARIANT_TARGETS).stdout
     declared = {}
     rule = None
     for line in out.splitlines():
@@ -223,10 +299,65 @@ def test_profile_gres_match_the_rules_npu_resources(tmp_path):
         m = re.search(r"resources: .*\bnpu=(\d+)", line)
         if m and rule:
             declared[rule] = int(m.group(1))
-    assert declared.get("sft") == 8, declared
+    assert declared.get("sft") == 8 and declared.get("sft_variant") == 8, declared
     profile = {r: _unquote(res["gres"]) for r, res in _profile()["set-resources"].items() if "gres" in res}
     wanted = {r: f"npu:{n}" for r, n in declared.items() if n > 0}
     assert profile == wanted
+
+
+def test_grouped_rules_run_one_after_another():
+    """Every grouped rule takes the group job's one `serial` slot (scope local: per group job, not
+    across the cluster), so a group job asks SLURM for its largest rule's CPUs and memory, not the
+    sum over rules that could run side by side."""
+    prof = _profile()
+    assert "serial=1" in prof["resources"] and prof["set-resource-scopes"] == {"serial": "local"}
+    for rule in prof["groups"]:
+        assert prof["set-resources"].get(rule, {}).get("serial") == 1, rule
+        assert {"runtime", "mem_mb"} <= set(prof["set-resources"][rule]), rule  # summed over a group job
+
+
+# (dry-run arguments, the SLURM jobs the profile must make of that DAG, or None: fewer than its jobs)
+GROUPED_DAGS = [
+    # bench/slurm_overhead.py's DAG: 9 rules, 7 SLURM jobs (was 9, one a rule)
+    (("--configfile", "config.yaml", "small.yaml", "--", "results/metrics.json"),
+     [(None, ("export",)), (None, ("merge",)), (None, ("predict",)), (None, ("sft",)),
+      ("prep", ("download_data", "init_model", "prepare_data")), ("report", ("evaluate",)),
+      ("setup", ("preflight",))]),
+    # the default target: evaluate and the report's rules in one job
+    (("--configfile", "config.yaml", "small.yaml"),
+     [(None, ("export",)), (None, ("merge",)), (None, ("predict",)), (None, ("sft",)),
+      ("prep", ("download_data", "init_model", "prepare_data")),
+      ("report", ("evaluate", "plots", "provenance", "report_tables")), ("setup", ("preflight",))]),
+    (("--config", "target=npu"), None),
+    (("--config", "target=npu", "npu={image: {build: false}}"), None),
+    (("--config", "target=npu", "rehearsal=cpu"), None),
+    (("--config", VARIANTS, "--", *VARIANT_TARGETS), None),
+    (("--config", "target=npu", VARIANTS, "--", *VARIANT_TARGETS), None),
+]
+
+
+@pytest.mark.parametrize("args,wanted", GROUPED_DAGS, ids=["cpu-metrics", "cpu-default", "npu", "npu-prebuilt",
+                                                           "rehearsal", "cpu-variants", "npu-variants"])
+def test_profile_groups_batch_the_light_rules(tmp_path, args, wanted):
+    """profiles/slurm's groups, dry-run: valid on each target (a group left and re-entered, or a
+    string resource that differs inside a group job, is a WorkflowError here), every light rule
+    shares a group job, every rule with cards is a SLURM job of its own. Fails if the light rules
+    go back to one sbatch each."""
+    project = copy_project(tmp_path / "project")
+    _write_small(project)
+    subs = planned_submissions(project, *args)
+    rules = [r for s in subs for r in s.rules]
+    assert len(subs) < len(rules), subs
+    if wanted is not None:
+        key = lambda unit: (unit[0] or "", unit[1])  # noqa: E731
+        assert sorted(((s.group, s.rules) for s in subs), key=key) == sorted(wanted, key=key), subs
+    carded = {rule for rule, res in _profile()["set-resources"].items() if "gres" in res}
+    for sub in subs:
+        light = {r.removesuffix("_variant") for r in sub.rules} & LIGHT
+        assert not light or sub.group, sub  # a light rule never alone outside a group
+        assert not (set(sub.rules) & carded) or sub.group is None, sub
+    groups = {s.group for s in subs if s.group}
+    assert "prep" in groups and any(len(s.rules) > 1 for s in subs if s.group == "prep"), subs
 
 
 @pytest.mark.slurm
@@ -241,5 +372,6 @@ def test_slurm_overhead_bench_quick(slurm_cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["jobs_per_run"] >= 2
+    assert 1 <= result["slurm_jobs_per_run"] < result["jobs_per_run"]  # the light rules batched
     assert result["overhead_per_job_seconds"]["runs"] == 1
     assert {r["jobs"] for r in result["runs"]["slurm"] + result["runs"]["local"]} == {result["jobs_per_run"]}
