@@ -104,6 +104,40 @@ def test_file_url_relative(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "train.json").is_file()
 
 
+def test_file_url_record_and_log_say_which_file_was_read(tmp_path, monkeypatch, caplog):
+    """The path a file: url resolved to (llamapipe.config.paths.file_url_path), in the log and in
+    download.json: an absolute one as given, a relative one in the project (the current directory)."""
+    caplog.set_level("INFO", logger="llamapipe.download")
+    data = make_tar(good_members())
+    src = write_archive(tmp_path, data)
+    run_file(tmp_path, data)
+    record = json.loads((tmp_path / "data" / "AdvertiseGen" / download.RECORD).read_text())
+    assert (record["url"], record["path"], record["path_base"]) == (src.as_uri(), str(src), "absolute")
+    assert f"{src.as_uri()} resolves to {src} (an absolute path)" in caplog.text
+    monkeypatch.chdir(tmp_path)
+    download.run("file:src/data.tar.gz", sha(data), "out", "cache")
+    assert json.loads((tmp_path / "out" / download.RECORD).read_text())["path"] == str(src)
+    assert f"file:src/data.tar.gz resolves to {src} (in the project directory {tmp_path})" in caplog.text
+
+
+def test_file_url_relative_falls_back_to_the_workflow_directory(tmp_path, monkeypatch):
+    """Not in the project (the current directory): the workflow's directory ($LLAMAPIPE_WORKFLOW_DIR,
+    which common.smk sets to the checkout); in neither: both are named."""
+    data = make_tar(good_members())
+    write_archive(tmp_path / "workflow", data)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setenv("LLAMAPIPE_WORKFLOW_DIR", str(tmp_path / "workflow"))
+    summary = download.run("file:src/data.tar.gz", sha(data), "out", "cache")
+    assert summary["files"] == ["dev.json", "train.json"]
+    record = json.loads((tmp_path / "project" / "out" / download.RECORD).read_text())
+    assert (record["path"], record["path_base"]) == (str(tmp_path / "workflow" / "src" / "data.tar.gz"), "workflow")
+    with pytest.raises(PipelineError) as e:
+        download.run("file:src/other.tar.gz", sha(data), "out2", "cache")
+    assert (f"no such file {tmp_path}/project/src/other.tar.gz, nor {tmp_path}/workflow/src/other.tar.gz"
+            in str(e.value))
+
+
 def test_sha_mismatch_names_both_hashes_and_leaves_nothing(tmp_path):
     data = make_tar(good_members())
     wrong = "0" * 64

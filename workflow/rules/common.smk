@@ -13,6 +13,7 @@ from snakemake.logging import logger
 from llamapipe.config.paths import (
     PATHS,
     RESULTS,
+    WORKFLOW_DIR_ENV,
     bench_of,
     image_records,
     log_of,
@@ -38,6 +39,11 @@ from llamapipe.snakemake_hooks.workflow_glue import install_execution_hooks
 
 envvars:
     "PATH",
+
+
+# a relative file: url not in the project (snakemake -d OTHER) is the checkout's: the config
+# checks and the jobs look there (llamapipe.config.paths.file_url_path)
+os.environ[WORKFLOW_DIR_ENV] = workflow.basedir
 
 
 # config.yaml + --configfile + --config against the schema (llamapipe.config.validation): the

@@ -111,12 +111,97 @@ def model_config_file(cfg: dict, project: str = ".") -> str | None:
     return config_json if config_json and os.path.isfile(config_json) else None
 
 
-def file_url_path(url: str) -> str | None:
-    """The local file a ``file:`` URL names (``file:///abs`` or ``file:relative``), else None."""
+def file_url_path(url: str, project: str | None = None, workflow_dir: str | None = None) -> str | None:
+    """The absolute path of the local file a ``file:`` URL names, else None (another scheme).
+
+    ``file:///abs/path`` is that path. ``file:relative/path`` is the project directory's
+    (``project``; default: the current directory, which is Snakemake's ``-d``/``--directory``
+    and every job's working directory) if the file is there, else the workflow's (``workflow_dir``;
+    default: ``default_workflow_dir()``) if it is there, else the project's (the reader's error names it).
+    So the bundled ``file:assets/...`` sample works from a project directory elsewhere. The one
+    parser of ``file:`` URLs: the config checks, the download stage and the containers' mounts.
+    Raises PipelineError for a URL that names a host or no path."""
+    found = locate_file_url(url, project, workflow_dir)
+    return found.path if found else None
+
+
+WORKFLOW_DIR_ENV = "LLAMAPIPE_WORKFLOW_DIR"  # the checkout holding the Snakefile (common.smk sets it)
+
+
+def default_workflow_dir() -> str | None:
+    """The workflow's directory, where a relative ``file:`` path not in the project is looked for:
+    ``$LLAMAPIPE_WORKFLOW_DIR`` (Snakemake's ``workflow.basedir``, exported by common.smk to the
+    checks and the jobs), else the checkout this package is installed from when it is one (``pip
+    install -e .``, as `make setup` does: for ``llamapipe serve``/``chat`` and a workflow that
+    does not export it), else None."""
+    given = os.environ.get(WORKFLOW_DIR_ENV)
+    if given:
+        return os.path.abspath(given)
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return checkout if os.path.isfile(os.path.join(checkout, "Snakefile")) else None
+
+
+class LocalFile:
+    """Where a ``file:`` URL's file is (``locate_file_url``): ``path`` (absolute), ``base``
+    (``absolute``, ``project`` or ``workflow``: which directory a relative path was found in, or
+    ``project`` when it is in neither), ``tried`` (the absolute paths looked at, in order)."""
+
+    __slots__ = ("url", "path", "base", "project", "workflow_dir", "tried")
+
+    def __init__(self, url: str, path: str, base: str, project: str, workflow_dir: str | None,
+                 tried: tuple[str, ...]):
+        self.url, self.path, self.base = url, path, base
+        self.project, self.workflow_dir, self.tried = project, workflow_dir, tried
+
+    def __repr__(self) -> str:
+        return f"LocalFile({self.url!r}, {self.path!r}, base={self.base!r})"
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def where(self) -> str:
+        """Which directory the path is from, for a log line or a message."""
+        if self.base == "absolute":
+            return "an absolute path"
+        if self.base == "workflow":
+            return (f"not in the project directory {self.project}; found in the workflow's directory "
+                    f"{self.workflow_dir}")
+        return f"in the project directory {self.project}"
+
+    def missing(self) -> str:
+        """``no such file <path>`` naming every place a relative path was looked for."""
+        also = "".join(f", nor {p}" for p in self.tried[1:])
+        why = "" if self.base == "absolute" else (
+            " (a relative path is the project directory's or, if not there, the workflow's)" if also
+            else " (a relative path is relative to the project directory)")
+        return f"no such file {self.path}{also}{why}"
+
+
+def locate_file_url(url: str, project: str | None = None, workflow_dir: str | None = None) -> LocalFile | None:
+    """``file_url_path`` with where the file was found (None: not a ``file:`` URL)."""
+    from llamapipe.core.errors import PipelineError
+
     parsed = urlparse(url)
     if parsed.scheme.lower() != "file":
         return None
-    return unquote(parsed.path) or None
+    if parsed.netloc not in ("", "localhost"):
+        raise PipelineError(f"file url {url!r} names host {parsed.netloc!r}; "
+                            "use file:///absolute/path or file:relative/path")
+    given = unquote(parsed.path)
+    if not given:
+        raise PipelineError(f"file url {url!r} has no path")
+    project = os.path.abspath(project or os.getcwd())
+    base = os.path.abspath(workflow_dir) if workflow_dir else default_workflow_dir()
+    if os.path.isabs(given):
+        path = os.path.normpath(given)
+        return LocalFile(url, path, "absolute", project, base, (path,))
+    tried = [os.path.normpath(os.path.join(project, given))]
+    if base and base != project:
+        tried.append(os.path.normpath(os.path.join(base, given)))
+    if len(tried) > 1 and not os.path.exists(tried[0]) and os.path.exists(tried[1]):
+        return LocalFile(url, tried[1], "workflow", project, base, tuple(tried))
+    return LocalFile(url, tried[0], "project", project, base, tuple(tried))
 
 
 def user_paths(stage: str, cfg: dict, project: str) -> list[str]:

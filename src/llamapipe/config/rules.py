@@ -17,9 +17,9 @@ import re
 import tarfile
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
-from llamapipe.config.paths import builds_base_model, model_config_file
+from llamapipe.config.paths import builds_base_model, file_url_path, locate_file_url, model_config_file
 from llamapipe.core.cards import parse_cards
 from llamapipe.core.errors import PipelineError
 from llamapipe.core.hashing import sha256_file
@@ -534,24 +534,30 @@ def _local_archive_problem(url: str) -> str | None:
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost"):
         return f"names host {parsed.netloc!r}; use file:///absolute/path or file:relative/path"
-    path = unquote(parsed.path)
-    if not path or not os.path.exists(path):
-        return f"no such file {os.path.abspath(path)} (a relative path is relative to the project directory)"
+    try:
+        found = locate_file_url(url)
+    except PipelineError as err:
+        return str(err)
+    path = found.path
+    if not found.exists:
+        return found.missing()
     if not os.path.isfile(path):
-        return f"{os.path.abspath(path)} is not a regular file"
+        return f"{path} is not a regular file"
     try:
         is_tar = tarfile.is_tarfile(path)
     except OSError as err:
-        return f"{os.path.abspath(path)} cannot be read: {err.strerror or err}"
+        return f"{path} cannot be read: {err.strerror or err}"
     if not is_tar:
-        return f"{os.path.abspath(path)} is not a tar archive (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz)"
+        return f"{path} is not a tar archive (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz)"
     return None
 
 
 def local_archive_exists(cfg: dict) -> list[str]:
-    """A file: url is read when download_data runs, after preflight: check it now. Relative paths
-    are relative to the project directory, the working directory of Snakemake and of every job.
-    The content is checked, as extract opens it (tarfile "r:*"), not the file name."""
+    """A file: url is read when download_data runs, after preflight: check it now. A relative path
+    is the project directory's (the working directory of Snakemake and of every job, ``-d``) or,
+    if not there, the workflow's (the checkout: ``file:assets/...`` under ``snakemake -d OTHER``),
+    as the download resolves it (``llamapipe.config.paths.file_url_path``). The content is
+    checked, as extract opens it (tarfile "r:*"), not the file name."""
     url = cfg["data"]["url"]
     if _url_scheme(url) != "file" or not posixpath.basename(urlparse(url).path):
         return []
@@ -567,7 +573,10 @@ def sha256_is_hex(cfg: dict) -> list[str]:
     if digest is None:
         if _url_scheme(url) != "file":
             return []
-        path = unquote(urlparse(url).path)
+        try:
+            path = file_url_path(url)
+        except PipelineError:
+            return []  # local_archive_exists names the url's problem
         try:
             now = f"its sha256 is {sha256_file(path)}"
         except OSError:

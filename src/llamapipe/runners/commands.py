@@ -19,7 +19,7 @@ import os
 import shlex
 
 from llamapipe.config.parallel import plan_argv
-from llamapipe.config.paths import CACHE_DIR, PATHS, image_records, user_paths
+from llamapipe.config.paths import CACHE_DIR, PATHS, WORKFLOW_DIR_ENV, image_records, locate_file_url, user_paths
 from llamapipe.config.stage_params import stage_params_json
 from llamapipe.config.variants import COMPARISON_HTML, COMPARISON_TSV, PLAIN, VARIANT_ENV, Run, variant_dir
 from llamapipe.core.cards import parse_cards
@@ -77,6 +77,10 @@ def container_spec(stage: str, cfg: dict, project_dir: str, threads: int = 1,
             mounts.append({"source": npu["paddlenlp_mount"], "target": npu["paddlenlp_dir"], "read_only": True})
     # what the user keeps outside the project (their weights, their data archive), read-only
     mounts += [{"source": p, "target": p, "read_only": True} for p in user_paths(stage, cfg, project_dir)]
+    if stage == "download_data":  # a relative file: url found in the checkout, not the project (-d OTHER)
+        local = locate_file_url(cfg["data"]["url"], project_dir)
+        if local is not None and local.base == "workflow":
+            env[WORKFLOW_DIR_ENV] = local.workflow_dir
     if cfg["target"] != "npu":
         box = cfg["container"]
         image, shm, network, privileged = box["image"], box["shm_size"], box["network"], box["privileged"]

@@ -8,7 +8,9 @@ extracted files have the md5s the config names (if any).
 An http(s) archive without a sha256 (``sha256: null``) is trusted on first use: the hash of what
 arrived is printed with the exact line that pins it, and recorded with everything else the stage
 verified in ``out_dir/download.json`` (read by provenance). A ``file:`` archive is on this host,
-so there is no first download to trust: it must be pinned (the error names its sha256).
+so there is no first download to trust: it must be pinned (the error names its sha256). A
+relative ``file:`` path is the project directory's (the working directory) or, if not there, the
+workflow's (``llamapipe.config.paths.file_url_path``): the log and the record say which file was read.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
+from llamapipe.config.paths import LocalFile, locate_file_url
 from llamapipe.core.atomic import atomic_dir, atomic_path, write_json
 from llamapipe.core.errors import PipelineError
 from llamapipe.core.hashing import sha256_file
@@ -62,8 +65,11 @@ def run(url: str, sha256: str | None, out_dir: str, cache_dir: str, retries: int
     cache = Path(cache_dir) / name
     if scheme not in ("file", "http", "https"):
         raise PipelineError(f"unsupported url scheme {scheme!r} in {url!r} (use http(s):// or file:)")
+    local = _local_file(url) if scheme == "file" else None
+    if local is not None:
+        log.info("%s resolves to %s (%s)", url, local.path, local.where())
 
-    if scheme == "file" and cache.exists() and _local_path(url).resolve() == cache.resolve():
+    if local is not None and cache.exists() and Path(local.path).resolve() == cache.resolve():
         _verify(cache, expected, url, remove=False)  # the cache is the user's file: check, never delete
     elif cache.is_file() and expected is None:
         log.info("using cached %s (not pinned), skipping the download", cache)
@@ -73,14 +79,16 @@ def run(url: str, sha256: str | None, out_dir: str, cache_dir: str, retries: int
         if cache.exists():
             log.warning("cached %s has the wrong sha256; fetching it again", cache)
             cache.unlink()
-        if scheme == "file":
-            _copy_local(url, cache, expected)
+        if local is not None:
+            _copy_local(local, cache, expected)
         else:
             _fetch_http(url, cache, expected, retries, (connect_timeout, read_timeout))
 
     actual = expected or sha256_file(cache)
     record = {"url": url, "sha256": actual, "pinned": expected is not None, "sha256_key": sha256_key,
               "bytes": cache.stat().st_size, "md5_expected": want_md5}
+    if local is not None:  # the file a relative path resolved to, and from which directory
+        record.update(path=local.path, path_base=local.base)
     files = extract(cache, out_dir, md5=want_md5, record=record)
     log.info("extracted %d file(s) into %s", len(files), out_dir)
     if want_md5:
@@ -121,7 +129,7 @@ def _expected_sha256(url: str, scheme: str, sha256: str | None, sha256_key: str)
     if sha256 is None or not str(sha256).strip():
         if scheme != "file":
             return None
-        path = _local_path(url)
+        path = _local_file(url).path
         try:
             digest = sha256_file(path)
             how = f"its sha256 is {digest}; in config.yaml, {pin_yaml(sha256_key, digest)}"
@@ -159,22 +167,21 @@ def _verify(path: Path, expected: str, url: str, remove: bool = True) -> None:
                             f"({'the file was removed; ' if remove else ''}fix the url or the sha256 in the config)")
 
 
-def _local_path(url: str) -> Path:
-    """``file:///abs/path`` or ``file:relative/path`` (relative to the current directory)."""
-    parsed = urlparse(url)
-    if parsed.netloc not in ("", "localhost"):
-        raise PipelineError(f"file url {url!r} names host {parsed.netloc!r}; "
-                            "use file:///absolute/path or file:relative/path")
-    path = unquote(parsed.path)
-    if not path:
-        raise PipelineError(f"file url {url!r} has no path")
-    return Path(path)
+def _local_file(url: str) -> LocalFile:
+    """``file:///abs/path``, or ``file:relative/path``: the current directory's (the project's),
+    else the workflow's (``llamapipe.config.paths.default_workflow_dir``), as the config check
+    resolved it."""
+    local = locate_file_url(url)
+    assert local is not None, url  # a file: url
+    return local
 
 
-def _copy_local(url: str, cache: Path, expected: str) -> None:
-    src = _local_path(url)
+def _copy_local(local: LocalFile, cache: Path, expected: str) -> None:
+    url, src = local.url, Path(local.path)
+    if not src.exists():
+        raise PipelineError(f"{url}: {local.missing()}")
     if not src.is_file():
-        raise PipelineError(f"{url}: no such file {src.resolve()}")
+        raise PipelineError(f"{url}: {src} is not a regular file")
     log.info("copying %s to %s", src, cache)
     # Verify the copy under a temp name: the final cache name only ever holds a good archive,
     # and the user's source file is never removed.
