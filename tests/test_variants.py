@@ -44,6 +44,7 @@ def _in_project(monkeypatch):
 BAD = [
     ("name", {"a b": {}}, ["variants.a b", "a directory under results/variants/"]),
     ("name, path", {"../up": {}}, ["variants.../up"]),
+    ("name, the comparison's", {"comparison.html": {}}, ["variants.comparison.html", "the comparison's"]),
     ("project key", {"v": {"target": "npu"}}, ["variants.v.target", "the project's"]),
     ("project key, npu", {"v": {"npu": {"parallel": {"tensor_parallel_degree": 2}}}}, ["variants.v.npu.parallel"]),
     ("unknown key", {"v": {"sft": {"lorra": True}}}, ["variants.v:", "sft.lorra", "did you mean sft.lora"]),

@@ -56,9 +56,6 @@ class Run:
     def home(self, stage: str) -> str:
         return RESULTS if stage in self.shared or stage in _PROJECT_STAGES else self.home_dir
 
-    def log(self, stage: str) -> str:
-        return f"{self.home(stage)}/logs/{stage}.log"
-
     def bench(self, stage: str) -> str:
         return f"{self.home(stage)}/benchmarks/{stage}.tsv"
 
@@ -123,11 +120,17 @@ def variant_run(name: str, cfg: dict, plain: dict) -> Run:
     return Run(name, paths, shared, home)
 
 
+# what results/variants/ holds besides the variants: the comparison and its log
+RESERVED = ("comparison.html", "comparison.tsv", "logs")
+
+
 def _name_problems(variants: dict) -> list[str]:
     problems = []
     for name in variants:
         if not NAME.fullmatch(str(name)):
             problems.append(f"variants.{name}: a variant's name is a directory under {VARIANTS_DIR}/: {NAME_WORDS}")
+        elif name in RESERVED:
+            problems.append(f"variants.{name}: {VARIANTS_DIR}/{name} is the comparison's; name the variant otherwise")
     return problems
 
 
