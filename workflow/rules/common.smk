@@ -82,7 +82,7 @@ except PipelineError as err:
 VARIANTS = {name: variant_run(name, cfg, CFG) for name, cfg in VARIANT_CFG.items()}
 for _name, _run in VARIANTS.items():
     logger.info(
-        f"variant {_name}: results/variants/{_name}/; shares "
+        f"variant {_name}: {variant_dir(_name)}/; shares "
         + (", ".join(_run.shared) or "no data or model stage")
         + " with the plain run"
     )
@@ -190,9 +190,9 @@ def comparison_inputs(wildcards):
             "--config 'variants={full: {}, lora: {sft: {lora: true}}}' (README, Variants)"
         )
     return [
-        f"{variant_dir(name)}/{name_}"
+        f"{variant_dir(name)}/{output}"
         for name in VARIANTS
-        for name_ in (
+        for output in (
             "metrics.json",
             "predictions.json",
             "provenance.json",
