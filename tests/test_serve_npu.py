@@ -85,6 +85,17 @@ def _predictor_step(cmd) -> list[str]:
     return step
 
 
+def _sent(cfg: dict, serve_argv: list[str]) -> list[str]:
+    """The server's flags as serve_command puts them in the script: ``--serve`` the whole serve
+    section (the config's, the given keys over it: the stage image has no schema to fill one in)."""
+    from llamapipe.npu.serve_script import _serve_settings
+
+    whole = {**cfg["serve"], **json.loads(serve_argv[serve_argv.index("--serve") + 1])}
+    assert _serve_settings(cfg, serve_argv) == whole
+    rest = serve_argv[:serve_argv.index("--serve")] + serve_argv[serve_argv.index("--serve") + 2:]
+    return ["--serve", json.dumps(whole, sort_keys=True), *rest]
+
+
 def _served(step: list[str], serve_argv: list[str]) -> tuple[list[str], list[str]]:
     """(what starts the server, upstream's predictor flags) of serve's last step."""
     assert step[0] == "exec", step  # the server replaces the script's shell: SIGTERM reaches it
@@ -120,9 +131,9 @@ def test_serve_on_npu_is_predicts_predictor_in_predicts_container(monkeypatch):
     cfg = _config(monkeypatch, ROOT, "target=npu")
     argv = _serve_argv(port=8123, graceful=60)
     predict, serve, timeout = _commands(cfg, ROOT, argv)
-    runner = _check_same_as_predict(predict, serve, argv)
+    runner = _check_same_as_predict(predict, serve, _sent(cfg, argv))
     assert runner == SERVER
-    predictor = flags(_served(serve.steps[-1], argv)[1])
+    predictor = flags(_served(serve.steps[-1], _sent(cfg, argv))[1])
     # the guide's predict_npu.sh flags, as the predict rule gives them (values from the rule, not typed here)
     for name in ("--inference_model", "--block_attn"):
         assert name in predictor and predictor[name] is None
@@ -145,7 +156,7 @@ def test_serve_follows_the_cards(monkeypatch):
     cfg = _config(monkeypatch, ROOT, "target=npu", "devices=4,5", "sft={lora: true}")
     argv = _serve_argv(port=9000, graceful=5)
     predict, serve, timeout = _commands(cfg, ROOT, argv)
-    _check_same_as_predict(predict, serve, argv)
+    _check_same_as_predict(predict, serve, _sent(cfg, argv))
     assert {**serve.spec, "rule": "predict"} == predict.spec
     assert serve.spec["env"]["ASCEND_RT_VISIBLE_DEVICES"] == "4"  # predict's one card: the first of 4,5
     assert "/dev/davinci4" in serve.spec["devices"] and "/dev/davinci0" not in serve.spec["devices"]
@@ -160,13 +171,13 @@ def test_serve_on_the_rehearsal_is_predicts_local_process_with_its_shims(monkeyp
     argv = _serve_argv()
     predict, serve, timeout = _commands(cfg, ROOT, argv)
     assert serve.spec is None and predict.spec is None and timeout is None  # local processes, no container
-    runner = _check_same_as_predict(predict, serve, argv)
+    runner = _check_same_as_predict(predict, serve, _sent(cfg, argv))
     shims = ["python", "-m", "llamapipe.npu.cpu_shims", "--shims=" + ",".join(rehearsal.CPU_SHIMS)]
     from llamapipe.entrypoints import package_src_dir
     from llamapipe.npu.scripts import SERVE_SCRIPT
 
     assert runner == [*shims, os.path.join(package_src_dir(), SERVE_SCRIPT)]
-    predictor = flags(_served(serve.steps[-1], argv)[1])
+    predictor = flags(_served(serve.steps[-1], _sent(cfg, argv))[1])
     assert "--inference_model" not in predictor and predictor["--device"] == "cpu"
     assert ["cd", f"{checkout}/llm"] in serve.steps
 
@@ -368,7 +379,7 @@ def _drive_engine(cfg: dict, project: Path, cases: dict, tmp_path: Path) -> dict
     driver = tmp_path / "drive_engine.py"
     driver.write_text(DRIVER)
     command = serve_command(cfg, str(project), _serve_argv())
-    runner, predictor = _served(parse(command).steps[-1], _serve_argv())
+    runner, predictor = _served(parse(command).steps[-1], _sent(cfg, _serve_argv()))
     run = [*runner[:-1], str(driver), json.dumps(cases), *predictor]  # the shims' script path -> the driver
     bash, dash_c, script = shlex.split(command)  # the rehearsal's local runtime: bash -c SCRIPT
     steps = script.split("; ")

@@ -71,6 +71,22 @@ def stop_timeout(graceful_shutdown_s: float) -> float:
     return 2 * float(graceful_shutdown_s) + STOP_MARGIN_S
 
 
+def _with_serve(serve_argv: list[str], settings: dict) -> list[str]:
+    """``serve_argv`` with its ``--serve`` (or a new one) set to ``settings``."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(serve_argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--serve" and i + 1 < len(serve_argv):
+            skip = True
+            continue
+        if not arg.startswith("--serve="):
+            out.append(arg)
+    return ["--serve", json.dumps(settings, sort_keys=True), *out]
+
+
 def serve_command(cfg: dict, project_dir: str, serve_argv: list[str]) -> str:
     """The whole shell command that serves ``results/inference`` on target npu (see the module
     docstring); ``serve_argv``: the server's own flags (``--serve JSON --predict JSON --model-name
@@ -86,7 +102,9 @@ def serve_command(cfg: dict, project_dir: str, serve_argv: list[str]) -> str:
             f"serve on target npu runs in the stage image, whose network is {key}={cfg['npu']['network']}: the "
             f"server's port {settings.get('port', 8000)} would not be reachable from this host (the container "
             f"runner publishes no ports); set {key}: host (as the NPU guide runs its containers)")
-    argv = scripts.serve_script(cfg, PATHS, project, list(serve_argv))
+    # the whole serve section into the script: in the stage image the server has no schema to fill a
+    # partial --serve from
+    argv = scripts.serve_script(cfg, PATHS, project, _with_serve(list(serve_argv), settings))
     # stopped_exit: the server drains on SIGTERM and exits 0; that is serve's exit code too
     return placed_like(PLACED_AS, cfg, project, argv, threads, label=container_label(int(settings.get("port", 8000))),
                        stop_timeout=stop_timeout(settings.get("graceful_shutdown_s", 60)),

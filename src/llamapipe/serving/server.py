@@ -55,7 +55,12 @@ def serve_settings(given: dict[str, Any]) -> dict[str, Any]:
 
     try:
         section = config_schema()["properties"]["serve"]["properties"]
-    except FileNotFoundError:  # the package without its checkout (a stage image): take what is given
+    except FileNotFoundError:  # the package without its checkout (a stage image): the caller gives it all
+        lacking = sorted({"host", "port", "max_batch_size", "batch_window_ms", "max_queue", "max_body_bytes",
+                          "graceful_shutdown_s"} - set(given))
+        if lacking:
+            raise PipelineError(f"--serve lacks {', '.join(lacking)} and this install has no config schema to "
+                                "take their defaults from: pass the whole serve section") from None
         return given
     missing = {k: v["default"] for k, v in section.items() if k not in given}
     return {**missing, **given}
