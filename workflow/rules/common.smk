@@ -127,31 +127,30 @@ wildcard_constraints:
     variant="|".join(re.escape(name) for name in VARIANTS) or "(?!)",
 
 
-def rule_cmd(rule_name, threads=1, variants=()):
+def rule_cmd(rule_name, threads=1, variants=(), cfg=None, run=PLAIN):
     """The rule's whole command (llamapipe.runners.commands.rule_command): our CLI call, wrapped
-    for the target and runtime (``variants``: the names the comparison compares)."""
+    for the target and runtime (``variants``: the names the comparison compares; ``cfg``, ``run``:
+    a variant's config and paths, else the plain run's)."""
     return rule_command(
         rule_name,
-        CFG,
+        CFG if cfg is None else cfg,
         PROJECT_DIR,
         threads=threads,
         checkout_clone=PADDLENLP_CLONE,
         auto_layout=not isinstance(config["npu"]["parallel"], dict),
+        run=run,
         variants=variants,
     )
 
 
 def variant_cmd(rule_name, threads_of=lambda cfg: 1):
-    """params.cmd of a variant's rule: the rule's command for the variant's config and paths
+    """params.cmd of a variant's rule: rule_cmd with the variant's config and paths
     (``threads_of(cfg)``: its threads, as the plain rule computes them from the config).
     """
-    return lambda wildcards: rule_command(
+    return lambda wildcards: rule_cmd(
         rule_name,
-        VARIANT_CFG[wildcards.variant],
-        PROJECT_DIR,
-        threads=threads_of(VARIANT_CFG[wildcards.variant]),
-        checkout_clone=PADDLENLP_CLONE,
-        auto_layout=not isinstance(config["npu"]["parallel"], dict),
+        threads_of(VARIANT_CFG[wildcards.variant]),
+        cfg=VARIANT_CFG[wildcards.variant],
         run=VARIANTS[wildcards.variant],
     )
 
